@@ -472,8 +472,10 @@ class ServerConnection:
             return Abort(cur.index)
         # BYE
         count = int.from_bytes(payload[:8], "big")
-        if count != self._next_index or not auth.verify(auth.bye_tag(keys.k_c2s, count), payload[8:]):
-            raise IntegrityError("BYE count or tag failed")
+        if not auth.verify(auth.bye_tag(keys.k_c2s, count), payload[8:]):
+            raise IntegrityError("BYE tag failed")
+        if count != self._next_index:
+            raise RemoteProtocolError(f"BYE counts {count} files, {self._next_index} were sent")
         return Bye(count)
 
     def _on_file(self, keys: auth.SessionKeys, payload: bytes) -> File:
@@ -508,10 +510,11 @@ class ServerConnection:
         if hasher is None:  # discarded: its END decides nothing
             return End(cur.index, n, auth.ZERO_DIGEST)
         digest = hasher.digest()
-        if cur.size is not None and n != cur.size:
-            raise IntegrityError(f"END after {n} of {cur.size} bytes", cur.name, digest)
+        # Judged by our own count and digest; the n on the wire is never believed.
         if not auth.verify(auth.end_tag(keys.k_c2s, cur.hdr, n, digest), payload[8:]):
             raise IntegrityError("END tag failed", cur.name, digest)
+        if cur.size is not None and n != cur.size:
+            raise RemoteProtocolError(f"END after {n} of {cur.size} announced bytes")
         return End(cur.index, n, digest)
 
 
@@ -831,12 +834,7 @@ class ClientConnection:
     def _on_line(self, code: int, rest: str, text: str) -> ClientEvent:
         if self.state is ClientState.AWAIT_GREETING:
             if code == Reply.GREETING:
-                if not text.startswith(GREETING_PREFIX):
-                    raise RemoteProtocolError(f"unsupported greeting: {_quote(text.encode())}")
-                try:
-                    challenge = auth.b64url_decode(text[len(GREETING_PREFIX):])
-                except ValueError:
-                    raise RemoteProtocolError("malformed greeting challenge") from None
+                challenge = _parse_greeting(text)
                 self.greeting = text
                 self.state = ClientState.AWAIT_HELLO
                 return Greeting(text, challenge)
@@ -895,6 +893,23 @@ class ClientConnection:
     @property
     def pending_count(self) -> int:
         return len(self._pending)
+
+
+def _parse_greeting(text: str) -> bytes:
+    """The challenge of a ``220 rstash/1 …`` greeting that offers hmac-sha256."""
+    words = text.split(" ")
+    if len(words) < 3 or words[1] != "rstash/1":
+        raise RemoteProtocolError(f"unsupported greeting: {_quote(text.encode())}")
+    fields = dict(w.partition("=")[::2] for w in words[2:])
+    if "hmac-sha256" not in fields.get("methods", "").split(","):
+        raise RemoteProtocolError("the server offers no method this client speaks")
+    try:
+        challenge = auth.b64url_decode(fields.get("challenge", ""))
+    except ValueError:
+        raise RemoteProtocolError("malformed greeting challenge") from None
+    if len(challenge) < 16:
+        raise RemoteProtocolError("greeting challenge too short")
+    return challenge
 
 
 def _quote(raw: bytes) -> str:

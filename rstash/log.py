@@ -1,0 +1,138 @@
+"""Log lines: one per session and per file, ``key=value`` with a fixed vocabulary.
+
+Targets: ``stderr``, ``syslog``, a file path (reopened when logrotate moved it),
+or ``auto`` (journald when JOURNAL_STREAM names fd 2, else syslog when
+/dev/log exists, else stderr). Peer-supplied strings are JSON-escaped and cut
+at 300 bytes so that a hostile name can neither forge a log line nor flood it.
+This module never writes to the connection and never logs a secret.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, TextIO
+
+#: The vocabulary shared with reply codes and JSON receipts (rstash-recv(8) LOGGING).
+FIELDS = ("event", "box", "name", "final", "bytes", "sha256", "peer", "key", "outcome", "code",
+          "dur", "mode", "reason", "detail")
+PEER_CUT = 300
+LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+_SYSLOG_PRIO = {"debug": 7, "info": 6, "warning": 4, "error": 3}
+_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-:/+@,=~")
+
+
+def quote(value: object) -> str:
+    """One field value: bare when it is safe, else JSON-escaped (ASCII only) and cut."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int | float):
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "backslashreplace")
+    text = str(value)
+    raw = text.encode("utf-8", "backslashreplace")
+    if len(raw) > PEER_CUT:
+        text = raw[:PEER_CUT].decode("utf-8", "ignore") + "…"
+    if text and all(c in _SAFE for c in text):
+        return text
+    return json.dumps(text, ensure_ascii=True)
+
+
+def format_fields(fields: dict[str, Any]) -> str:
+    return " ".join(f"{k}={quote(v)}" for k, v in fields.items() if v is not None)
+
+
+class Logger:
+    """Writes log lines to one target; ``emit`` never raises."""
+
+    def __init__(self, target: str = "stderr", level: str = "info", facility: str = "daemon",
+                 ident: str = "rstash-recv") -> None:
+        self.level = LEVELS.get(level, 20)
+        self.ident = ident
+        self.target = _resolve(target)
+        self.facility = facility
+        self._file: TextIO | None = None
+        self._ino: tuple[int, int] | None = None
+        self._syslog_open = False
+
+    def set_level(self, level: str) -> None:
+        self.level = LEVELS.get(level, 20)
+
+    def emit(self, level: str, fields: dict[str, Any]) -> None:
+        if LEVELS.get(level, 20) < self.level:
+            return
+        text = format_fields(fields)
+        try:
+            if self.target == "syslog":
+                self._syslog(level, text)
+            elif self.target == "stderr":
+                stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+                sys.stderr.write(f"{stamp} {self.ident}[{os.getpid()}]: {level} {text}\n")
+                sys.stderr.flush()
+            elif self.target == "journal":
+                sys.stderr.write(f"<{_SYSLOG_PRIO[level]}>{text}\n")
+                sys.stderr.flush()
+            else:
+                self._to_file(level, text)
+        except Exception:  # noqa: BLE001 - a log target failing must never end a session
+            pass
+
+    def info(self, **fields: Any) -> None:
+        self.emit("info", fields)
+
+    def warning(self, **fields: Any) -> None:
+        self.emit("warning", fields)
+
+    def error(self, **fields: Any) -> None:
+        self.emit("error", fields)
+
+    def debug(self, **fields: Any) -> None:
+        self.emit("debug", fields)
+
+    def _syslog(self, level: str, text: str) -> None:
+        import syslog
+
+        if not self._syslog_open:
+            fac = getattr(syslog, "LOG_" + self.facility.upper(), syslog.LOG_DAEMON)
+            syslog.openlog(self.ident, syslog.LOG_PID, fac)
+            self._syslog_open = True
+        syslog.syslog(_SYSLOG_PRIO[level], text)
+
+    def _to_file(self, level: str, text: str) -> None:
+        # logrotate moves the file away: reopen when the path no longer names our file.
+        try:
+            st = os.stat(self.target)
+            ino: tuple[int, int] | None = (st.st_dev, st.st_ino)
+        except OSError:
+            ino = None
+        if self._file is None or ino != self._ino:
+            if self._file is not None:
+                self._file.close()
+            fd = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            self._file = os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace")
+            st = os.fstat(fd)
+            self._ino = (st.st_dev, st.st_ino)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        # one write per line, O_APPEND: lines of concurrent sessions never interleave
+        self._file.write(f"{stamp} {self.ident}[{os.getpid()}]: {level} {text}\n")
+        self._file.flush()
+
+
+def _resolve(target: str) -> str:
+    if target != "auto":
+        return target
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    if stream:
+        try:
+            dev, ino = (int(x) for x in stream.split(":"))
+            st = os.fstat(2)
+            if (st.st_dev, st.st_ino) == (dev, ino):
+                return "journal"
+        except (ValueError, OSError):
+            pass
+    if os.path.exists("/dev/log"):
+        return "syslog"
+    return "stderr"

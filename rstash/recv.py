@@ -1,0 +1,247 @@
+"""rstash-recv: the server's command line (rstash-recv(8)).
+
+Serves one session on stdin/stdout, or an accept loop when fd 0 or
+LISTEN_FDS is a listening socket, or with --listen; plus the admin commands.
+Imports stay lazy: inetd starts this program once per connection.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def _fd2_hygiene() -> None:
+    """Point fd 2 at /dev/null when it is the connection (inetd) or a stray socket.
+
+    Runs before any other import, so that nothing, not even an import-time
+    warning, can write into the client's stream.
+    """
+    import stat
+
+    try:
+        st2 = os.fstat(2)
+    except OSError:
+        return
+    same = False
+    for fd in (0, 1):
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (st2.st_dev, st2.st_ino):
+            same = True
+    if not same and stat.S_ISSOCK(st2.st_mode):
+        journal = os.environ.get("JOURNAL_STREAM", "")
+        same = journal != f"{st2.st_dev}:{st2.st_ino}"
+    if same:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)
+        os.close(null)
+
+
+def _isolate() -> None:
+    """Re-exec under ``python -I`` when PYTHON* variables could steer the interpreter.
+
+    A serving process trusts its interpreter's environment; sshd can pass
+    variables (AcceptEnv, PermitUserEnvironment) that we must not honour.
+    """
+    if sys.flags.isolated:
+        return
+    if any(name.startswith("PYTHON") for name in os.environ):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+        os.execve(sys.executable, [sys.executable, "-I", "-m", "rstash.recv", *sys.argv[1:]], env)
+
+
+DEFAULT_CONFIG = "/etc/rstash/rstash-recv.toml"
+
+USAGE = """\
+rstash-recv [-c FILE] [--box NAME]... [--debug]
+rstash-recv [-c FILE] --listen [HOST:]PORT ...
+rstash-recv [-c FILE] --check-config [--json] [--user NAME]
+rstash-recv [-c FILE] -t
+rstash-recv [-c FILE] --dump-config [--json]
+rstash-recv [-c FILE] --status [BOX] [--json] [--stale-after DURATION]
+rstash-recv --gen-key FILE|- [--comment TEXT]
+rstash-recv --fingerprint FILE
+rstash-recv -V | --version"""
+
+
+def _parser() -> object:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="rstash-recv", usage=USAGE,
+        description="Receive files into write-only boxes (rstash-recv(8)).",
+        epilog="Exit status: 0 session ended as the protocol defines / admin check passed; "
+               "1 peer broke the protocol / admin check found a problem; 2 local error.")
+    p.add_argument("-c", "--config", metavar="FILE", default=DEFAULT_CONFIG,
+                   help=f"configuration file (default {DEFAULT_CONFIG})")
+    p.add_argument("--box", metavar="NAME", action="append",
+                   help="serve only this box (repeatable): defence for ssh forced commands")
+    p.add_argument("--debug", action="store_true", help="log at debug level to stderr")
+    p.add_argument("--listen", metavar="[HOST:]PORT", action="append",
+                   help="standalone server on this address (repeatable; [::]:7370)")
+    p.add_argument("--check-config", action="store_true",
+                   help="report every box, key and problem; exit 0 when usable")
+    p.add_argument("-t", dest="test_config", action="store_true",
+                   help="validate the configuration silently (exit 0 or 1)")
+    p.add_argument("--dump-config", action="store_true",
+                   help="print the effective settings of every box")
+    p.add_argument("--status", nargs="?", const="", metavar="BOX",
+                   help="recent deliveries and refusals per box, last use per key")
+    p.add_argument("--stale-after", metavar="DURATION",
+                   help="with --status: flag boxes without a delivery for this long (exit 1)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--user", metavar="NAME", help="with --check-config: the service user to check for")
+    p.add_argument("--gen-key", metavar="FILE", help="write a new key (never overwrites); - for stdout")
+    p.add_argument("--comment", metavar="TEXT", default="", help="comment for --gen-key")
+    p.add_argument("--fingerprint", metavar="FILE", help="print a key file's fingerprint")
+    p.add_argument("-V", "--version", action="store_true", help="print program and protocol version")
+    return p
+
+
+def _err(message: str) -> None:
+    sys.stderr.write(f"rstash-recv: {message}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    _fd2_hygiene()
+    if argv is None:
+        _isolate()
+        argv = sys.argv[1:]
+    from .errors import ConfigError, Exit, RstashError
+
+    parser = _parser()
+    args = parser.parse_args(argv)  # type: ignore[attr-defined]
+    try:
+        if args.version:
+            from . import PROTOCOL, __version__
+
+            print(f"rstash-recv {__version__} (protocol {PROTOCOL})")
+            return Exit.OK
+        if args.gen_key:
+            return _gen_key(args.gen_key, args.comment)
+        if args.fingerprint:
+            from .auth import load_key_file
+
+            print(load_key_file(args.fingerprint).describe())
+            return Exit.OK
+        if args.test_config or args.check_config or args.dump_config or args.status is not None:
+            from . import admin
+
+            if args.test_config:
+                return admin.test_config(args.config)
+            if args.check_config:
+                return admin.check_config(args.config, as_json=args.json, user=args.user)
+            if args.dump_config:
+                return admin.dump_config(args.config, as_json=args.json)
+            return admin.status(args.config, args.status or None, as_json=args.json,
+                                stale_after=args.stale_after)
+        return _serve(args)
+    except ConfigError as e:
+        for problem in e.problems:
+            _err(problem)
+        return Exit.LOCAL
+    except RstashError as e:
+        _err(e.message)
+        return e.exit_status if e.exit_status != Exit.PROTOCOL else Exit.REFUSED
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line, never a traceback
+        _err(f"internal error: {type(e).__name__}: {e}")
+        return Exit.LOCAL
+
+
+def _gen_key(target: str, comment: str) -> int:
+    from .auth import Key, format_key, generate_key
+    from .errors import Exit
+
+    if "\n" in comment or "\r" in comment:
+        _err("--comment must be one line")
+        return Exit.LOCAL
+    secret = generate_key()
+    text = format_key(secret, comment).encode("ascii")
+    desc = Key(secret, comment).describe()
+    if target == "-":
+        sys.stdout.buffer.write(text)
+        sys.stdout.flush()
+        sys.stderr.write(desc + "\n")
+        return Exit.OK
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        _err(f"{target}: already exists: not overwritten")
+        return Exit.LOCAL
+    except OSError as e:
+        _err(f"{target}: {e.strerror}")
+        return Exit.LOCAL
+    try:
+        os.write(fd, text)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    print(desc)
+    return Exit.OK
+
+
+def _serve(args: object) -> int:
+    from .config import load_config
+    from .errors import Exit
+    from .log import Logger
+    from .transport import is_listening_socket
+
+    a = args
+    if os.geteuid() == 0:
+        _err("refusing to serve as root: run rstash-recv as its service user")
+        return Exit.LOCAL
+    cfg = load_config(a.config)  # type: ignore[attr-defined]
+    if a.debug:  # type: ignore[attr-defined]
+        log = Logger("stderr", "debug", cfg.syslog_facility)
+    else:
+        log = Logger(cfg.log, cfg.log_level, cfg.syslog_facility)
+    boxes = frozenset(a.box) if a.box else None  # type: ignore[attr-defined]
+    listen = a.listen  # type: ignore[attr-defined]
+    fds = _listen_fds()
+    if listen or fds or is_listening_socket(0):
+        from . import serve
+
+        return serve.run(a.config, cfg, log, listen=listen or [], fds=fds or ([0] if not listen and not fds else []),  # type: ignore[attr-defined]
+                         boxes=boxes, debug=a.debug)  # type: ignore[attr-defined]
+    return serve_stdio(cfg, log, boxes)
+
+
+def _listen_fds() -> list[int]:
+    """Sockets passed by systemd (sd_listen_fds): fds 3.. when LISTEN_PID is us."""
+    try:
+        if int(os.environ.get("LISTEN_PID", "")) != os.getpid():
+            return []
+        n = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return []
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)
+    return list(range(3, 3 + n))
+
+
+def serve_stdio(cfg: object, log: object, boxes: frozenset[str] | None) -> int:
+    """One session on fd 0 (reads) and fd 1 (writes): inetd nowait, ssh, Accept=yes."""
+    from .errors import Exit
+    from .session import ServerSession
+    from .transport import FdStream, is_socket, peer_address
+
+    peer = peer_address(0)
+    try:
+        # A socket on fd 0 is the whole connection (inetd, systemd Accept=yes);
+        # fd 1 may be a log file then. Pipes (ssh) read fd 0 and write fd 1.
+        stream = FdStream(0, 0 if is_socket(0) else 1)
+        result = ServerSession(cfg, stream, log, peer=peer, allowed_boxes=boxes).run()  # type: ignore[arg-type]
+    except Exception as e:  # noqa: BLE001 - the one top-level handler: logged, never on the wire
+        log.error(event="session", outcome="error", peer=peer,  # type: ignore[attr-defined]
+                  detail=f"{type(e).__name__}: {e}")
+        return Exit.LOCAL
+    return result.status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

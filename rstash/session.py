@@ -1,0 +1,479 @@
+"""One server session: greeting, proof, files, receipts, bye.
+
+The driver between the transport (bytes with deadlines), the protocol (events)
+and the store (files). It decides every reply and writes nothing to the
+connection but reply lines. Exit status of a session (rstash-recv(8)): 0 when
+it ended the way the protocol defines (stored, refused, authentication
+failed, busy), 1 when the peer broke the protocol (garbage, truncation,
+timeout), 2 for our own failure.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import auth, protocol
+from .config import BoxConfig, Config
+from .errors import (
+    Exit,
+    KeyFileError,
+    PeerTimeout,
+    RemoteProtocolError,
+    Reply,
+    RstashError,
+    TransportError,
+)
+from .log import Logger
+from .names import check_name
+from .transport import FdStream
+
+#: A random key per process: an unknown box or key id still runs the full
+#: proof check, so that timing and replies cannot tell "no such box" from
+#: "wrong key" (rstash(7) RULES, rule 1).
+_DUMMY_KEY = auth.Key(secrets.token_bytes(auth.KEY_LEN), "dummy")
+
+
+@dataclass
+class SessionResult:
+    status: int = Exit.OK
+    files: int = 0
+    stored: int = 0
+    box: str | None = None
+    outcome: str = "truncated"
+
+
+@dataclass
+class _FileState:
+    header: protocol.FileHeader
+    name: str
+    upload: Any = None  # store.Upload while receiving
+    replied: bool = False
+    started: float = field(default_factory=time.monotonic)
+
+
+def peer_allowed(peer: str | None, networks: tuple[Any, ...]) -> bool:
+    if not networks:
+        return True
+    if peer is None:
+        return False  # unknown address + allow_from = refused
+    try:
+        ip = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    return any(ip.version == net.version and ip in net for net in networks)
+
+
+class ServerSession:
+    def __init__(self, cfg: Config, stream: FdStream, log: Logger, *, peer: str | None = None,
+                 allowed_boxes: frozenset[str] | None = None,
+                 now: float | None = None) -> None:
+        self.cfg = cfg
+        self.stream = stream
+        self.log = log
+        self.peer = peer
+        self.allowed_boxes = allowed_boxes
+        self.conn = protocol.ServerConnection()
+        self.result = SessionResult()
+        self.started = time.monotonic()
+        self.preauth_deadline = self.started + cfg.preauth_timeout
+        self.box: BoxConfig | None = None
+        self.key: auth.Key | None = None
+        self.keys: auth.SessionKeys | None = None
+        self.store: Any = None
+        self.hooks: Any = None
+        self.mode = "interactive"
+
+    # -- I/O --
+
+    def _deadline(self) -> float:
+        idle = time.monotonic() + self.cfg.idle_timeout
+        if self.keys is None:
+            return min(idle, self.preauth_deadline)
+        return idle
+
+    def send(self, data: bytes) -> None:
+        self.stream.write(data, self._deadline())
+
+    def _next(self) -> protocol.ServerEvent:
+        while True:
+            event = self.conn.next_event()
+            if event is not protocol.NEED_DATA:
+                return event  # type: ignore[return-value]
+            self.conn.receive_data(self.stream.read(self._deadline()))
+
+    # -- the session --
+
+    def run(self) -> SessionResult:
+        try:
+            self._run()
+        except protocol.IntegrityError as e:
+            self._abort_current()
+            self._log_session("integrity", Reply.INTEGRITY, detail=e.message,
+                              sha256=e.sha256.hex() if e.sha256 else None)
+            self._try_send(protocol.integrity_line(e.name))
+            self.result.status = Exit.REFUSED
+        except RemoteProtocolError as e:
+            self._abort_current()
+            code = e.reply or Reply.PROTOCOL_ERROR
+            if self.keys is None and code not in (Reply.VERSION_NOT_SUPPORTED,
+                                                  Reply.METHOD_NOT_SUPPORTED):
+                code = Reply.AUTH_FAILED
+            self._log_session("protocol_error", code, detail=e.message)
+            self._try_send(protocol.session_line(code))
+            self.result.status = Exit.REFUSED
+        except PeerTimeout as e:
+            self._abort_current()
+            self._log_session("timeout", Reply.BUSY, detail=e.message)
+            self._try_send(protocol.line("421 timeout"))
+            self.result.status = Exit.REFUSED
+        except TransportError as e:
+            self._abort_current()
+            self._log_session("truncated", None, detail=e.message)
+            self.result.status = Exit.REFUSED
+        finally:
+            self._close()
+        return self.result
+
+    def _try_send(self, data: bytes) -> None:
+        try:
+            self.stream.write(data, time.monotonic() + min(5.0, self.cfg.idle_timeout))
+        except RstashError:
+            pass
+
+    def _run(self) -> None:
+        challenge = secrets.token_bytes(32)
+        greeting = protocol.greeting_line(challenge)
+        self.send(protocol.line(greeting))
+        event = self._next()
+        if isinstance(event, protocol.ConnectionClosed):
+            self._log_session("truncated", None, detail="closed before HELLO")
+            self.result.status = Exit.REFUSED
+            return
+        assert isinstance(event, protocol.Hello)
+        if not self._judge_hello(event, greeting.encode("ascii")):
+            return
+        self._serve_files()
+
+    def _judge_hello(self, hello: protocol.Hello, greeting: bytes) -> bool:
+        pipe = hello.mode == protocol.MODE_PIPE
+        self.mode = "pipe" if pipe else "interactive"
+        box, key, why = self._find_key(hello)
+        # The proof is always computed, with the dummy key when there is no real one.
+        keys = auth.session_keys(key or _DUMMY_KEY, b"" if pipe else greeting, hello.signed)
+        ok = auth.verify(keys.proof, hello.proof)
+        if ok and key is not None and box is not None:
+            sid = hello.server_id
+            if self.cfg.server_id and sid != self.cfg.server_id:
+                ok, why = False, "server_id mismatch"
+            elif not self.cfg.server_id and sid is not None:
+                ok, why = False, "client sent a server_id; none is configured"
+        elif why is None:
+            why = "bad proof"
+        if not ok or key is None or box is None:
+            self.log.warning(event="auth", outcome="auth_failed", code=Reply.AUTH_FAILED,
+                             peer=self.peer or "unknown", box=hello.box, mode=self.mode,
+                             reason=why)
+            self._record(box=hello.box.decode("utf-8", "replace"), name=None,
+                         outcome="auth_failed", code=Reply.AUTH_FAILED)
+            self.send(protocol.session_line(Reply.AUTH_FAILED))
+            self.result.outcome = "auth_failed"
+            return False
+        self.box, self.key, self.keys = box, key, keys
+        self.result.box = box.name
+        self.conn.authenticate(keys)
+        if pipe:
+            refusal = self._judge_pipe(hello)
+            if refusal is not None:
+                self.send(refusal)
+                return False
+        self.send(protocol.auth_ok_line(keys))
+        self.log.info(event="session", box=box.name, peer=self.peer, key=key.log_name(),
+                      mode=self.mode, outcome="authenticated", code=Reply.AUTH_OK)
+        return True
+
+    def _find_key(self, hello: protocol.Hello) -> tuple[BoxConfig | None, auth.Key | None, str | None]:
+        try:
+            name = hello.box.decode("utf-8")
+        except UnicodeDecodeError:
+            return None, None, "box name not UTF-8"
+        box = self.cfg.boxes.get(name)
+        if box is None:
+            return None, None, "unknown box"
+        if self.allowed_boxes is not None and name not in self.allowed_boxes:
+            return None, None, "box excluded by --box"
+        if not peer_allowed(self.peer, box.allow_from):
+            return None, None, "peer not in allow_from"
+        for path in box.keys:
+            try:
+                key = auth.load_key_file(path)
+            except KeyFileError as e:
+                self.log.error(event="key", box=name, outcome="error", detail=e.message)
+                continue
+            if auth.verify(key.key_id, hello.key_id):
+                return box, key, None
+        return box, None, "unknown key id"
+
+    def _judge_pipe(self, hello: protocol.Hello) -> bytes | None:
+        box = self.box
+        assert box is not None
+        if not box.pipe_mode:
+            self.log.warning(event="session", box=box.name, peer=self.peer, mode="pipe",
+                             outcome="refused", code=Reply.PIPE_MODE_OFF, reason="pipe mode off")
+            self.result.outcome = "refused"
+            return protocol.session_line(Reply.PIPE_MODE_OFF)
+        from . import state
+
+        skew = hello.time - int(time.time())
+        try:
+            problem = state.check_state_dir(self.cfg.state_dir)
+            if problem is not None:
+                raise state.StateUnavailable(problem)
+            with state.StateDB(self.cfg.state_dir) as db:
+                db.check_replay(box.name, hello.nonce, hello.time, self.cfg.replay_window)
+        except state.ClockSkew as e:
+            skew = getattr(e, "skew", skew)
+            self.log.warning(event="session", box=box.name, peer=self.peer, mode="pipe",
+                             outcome="refused", code=Reply.CLOCK_SKEW, reason=f"clock skew {skew:+d} s")
+            self.result.outcome = "refused"
+            return protocol.skew_line(skew)
+        except state.ReplayRefused:
+            self.log.warning(event="session", box=box.name, peer=self.peer, mode="pipe",
+                             outcome="refused", code=Reply.REPLAYED, reason="replayed session")
+            self.result.outcome = "refused"
+            return protocol.session_line(Reply.REPLAYED)
+        except RstashError as e:
+            # The replay cache fails closed.
+            self.log.error(event="session", box=box.name, peer=self.peer, mode="pipe",
+                           outcome="error", code=Reply.LOCAL_ERROR, detail=e.message)
+            self.result.outcome = "error"
+            return protocol.session_line(Reply.LOCAL_ERROR)
+        return None
+
+    def _serve_files(self) -> None:
+        from .hooks import HookRunner
+        from .store import BoxStore
+
+        box = self.box
+        assert box is not None and self.keys is not None
+        try:
+            self.store = BoxStore(box.path, overwrite=box.overwrite, file_mode=box.file_mode,
+                                  max_file_size=box.max_file_size, quota=box.quota,
+                                  min_free=box.min_free, allow_names=box.allow_names,
+                                  deny_names=box.deny_names)
+        except RstashError as e:
+            self.log.error(event="session", box=box.name, outcome="error", code=Reply.LOCAL_ERROR,
+                           detail=e.message)
+            self.send(protocol.session_line(Reply.LOCAL_ERROR))
+            self.result.status = Exit.LOCAL
+            return
+        except OSError as e:
+            self.log.error(event="session", box=box.name, outcome="error", code=Reply.LOCAL_ERROR,
+                           detail=f"{box.path}: {e.strerror}")
+            self.send(protocol.session_line(Reply.LOCAL_ERROR))
+            self.result.status = Exit.LOCAL
+            return
+        try:
+            self.store.sweep(self.cfg.idle_timeout)
+        except (OSError, RstashError):
+            pass
+        self.hooks = HookRunner(self.cfg.hook_timeout, self.log)
+        cur: _FileState | None = None
+        self._cur = cur
+        while True:
+            event = self._next()
+            if isinstance(event, protocol.File):
+                self._cur = self._on_file(event.header)
+            elif isinstance(event, protocol.Data):
+                self._on_data(event.data)
+            elif isinstance(event, protocol.End):
+                self._on_end(event)
+            elif isinstance(event, protocol.Abort):
+                self._on_abort()
+            elif isinstance(event, protocol.Bye):
+                self.send(protocol.bye_line(self.keys, event.count, self.result.stored))
+                self.result.outcome = "complete"
+                self._log_session("complete", Reply.BYE)
+            elif isinstance(event, protocol.ConnectionClosed):
+                if event.clean:
+                    return
+                self._abort_current()
+                self._log_session("truncated", None)
+                self.result.status = Exit.REFUSED
+                return
+
+    # -- files --
+
+    def _reply(self, st: _FileState, code: int, reason: str | None = None, **kw: Any) -> None:
+        assert self.keys is not None
+        st.replied = True
+        self.send(protocol.receipt_line(self.keys, st.header.index, code, st.header.name,
+                                        reason=reason, **kw))
+
+    def _refuse(self, st: _FileState, code: int, reason: str, detail: str = "") -> None:
+        if not st.header.dry_run:
+            self.conn.discard_current()
+        outcome = {Reply.EXISTS: "exists"}.get(code, "temporary" if 400 <= code < 500 else "refused")
+        self._log_file(st, outcome, code, reason=reason, detail=detail or None)
+        self._reply(st, code, reason)
+
+    def _on_file(self, hdr: protocol.FileHeader) -> _FileState:
+        from .store import Refused
+
+        box = self.box
+        assert box is not None
+        self.result.files += 1
+        st = _FileState(hdr, hdr.name.decode("utf-8", "replace"))
+        problem = check_name(hdr.name, box.allow_names, box.deny_names)
+        if problem is not None:
+            self._refuse(st, Reply.NAME_NOT_ALLOWED, "name not allowed", problem)
+            return st
+        try:
+            upload = self.store.begin(st.name, hdr.size)
+        except Refused as e:
+            self._refuse(st, int(e.reply or Reply.LOCAL_ERROR), e.reason, e.detail)
+            return st
+        except OSError as e:
+            self._refuse(st, Reply.LOCAL_ERROR, "local error", e.strerror or str(e))
+            return st
+        if hdr.dry_run:
+            upload.abort()
+            self._log_file(st, "would_store", Reply.STORED)
+            self._reply(st, Reply.STORED, dry_run=True)
+            return st
+        st.upload = upload
+        return st
+
+    def _on_data(self, data: bytes) -> None:
+        from .store import Refused, SizeMismatch
+
+        st = self._cur
+        if st is None or st.upload is None:
+            return  # a refused file's data is discarded up to its END
+        try:
+            st.upload.write(data)
+        except SizeMismatch as e:
+            raise RemoteProtocolError(e.message) from None
+        except Refused as e:
+            st.upload.abort()
+            st.upload = None
+            self._refuse(st, int(e.reply or Reply.LOCAL_ERROR), e.reason, e.detail)
+
+    def _on_end(self, end: protocol.End) -> None:
+        from .hooks import Delivery
+        from .store import Refused
+
+        st = self._cur
+        self._cur = None
+        if st is None or st.upload is None:
+            return
+        upload = st.upload
+        st.upload = None
+        try:
+            final = upload.commit()
+        except Refused as e:
+            upload.abort()
+            self._log_file(st, "temporary" if 400 <= int(e.reply or 451) < 500 else "refused",
+                           int(e.reply or 451), reason=e.reason, detail=e.detail or None)
+            self._reply(st, int(e.reply or Reply.LOCAL_ERROR), e.reason)
+            return
+        except OSError as e:
+            upload.abort()
+            self._log_file(st, "error", Reply.LOCAL_ERROR, detail=e.strerror)
+            self._reply(st, Reply.LOCAL_ERROR, "local error")
+            return
+        self.result.stored += 1
+        digest = end.sha256.hex()
+        # Durable first (commit fsynced file and directory), then the 250 line.
+        self._reply(st, Reply.STORED, final_name=final.encode("utf-8"), n=end.n, sha256=end.sha256)
+        self._log_file(st, "stored", Reply.STORED, bytes_=end.n, sha256=digest, final=final)
+        box = self.box
+        assert box is not None
+        if box.on_receive:
+            self.hooks.submit(box.on_receive, Delivery(
+                box=box.name, name=final, requested_name=st.name,
+                path=str(box.path / final), size=end.n, sha256=digest,
+                client_mtime=st.header.mtime))
+
+    def _on_abort(self) -> None:
+        st = self._cur
+        self._cur = None
+        if st is None:
+            return
+        if st.upload is not None:
+            st.upload.abort()
+            st.upload = None
+        if not st.replied:
+            self._log_file(st, "aborted", Reply.ABORTED)
+            self._reply(st, Reply.ABORTED)
+
+    def _abort_current(self) -> None:
+        st = getattr(self, "_cur", None)
+        if st is not None and st.upload is not None:
+            try:
+                st.upload.abort()
+            except (OSError, RstashError):
+                pass
+            st.upload = None
+            self._log_file(st, "error", None, detail="session ended before END")
+
+    # -- logging --
+
+    def _log_file(self, st: _FileState, outcome: str, code: int | None, *, bytes_: int = 0,
+                  sha256: str | None = None, final: str | None = None, reason: str | None = None,
+                  detail: str | None = None) -> None:
+        box = self.box
+        fields: dict[str, Any] = {
+            "event": "file", "box": box.name if box else None, "name": st.header.name,
+            "final": final if final != st.name else None, "bytes": bytes_, "sha256": sha256,
+            "peer": self.peer, "key": self.key.log_name() if self.key else None,
+            "outcome": outcome, "code": code, "reason": reason, "detail": detail,
+            "dur": time.monotonic() - st.started,
+        }
+        if st.header.dry_run:
+            fields["mode"] = "dry-run"
+        (self.log.info if outcome in ("stored", "would_store") else self.log.warning)(**fields)
+        self._record(box=box.name if box else "", name=st.name if final is None else final,
+                     outcome=outcome, code=code or 0, bytes_=bytes_, sha256=sha256)
+
+    def _record(self, *, box: str, name: str | None, outcome: str, code: int, bytes_: int = 0,
+                sha256: str | None = None) -> None:
+        # The delivery log fails open: a database problem is logged, never a reply.
+        try:
+            from . import state
+
+            if state.check_state_dir(self.cfg.state_dir) is not None:
+                return
+            db = getattr(self, "_db", None)
+            if db is None:
+                db = self._db = state.StateDB(self.cfg.state_dir)
+            db.log_event(box=box, name=name, outcome=outcome, code=code, bytes=bytes_,
+                         sha256=sha256, peer=self.peer,
+                         key=self.key.log_name() if self.key else None)
+        except Exception as e:  # noqa: BLE001
+            self.log.debug(event="state", outcome="error", detail=str(e))
+
+    def _log_session(self, outcome: str, code: int | None, **extra: Any) -> None:
+        self.result.outcome = outcome
+        fields: dict[str, Any] = {
+            "event": "session", "box": self.box.name if self.box else None, "peer": self.peer,
+            "key": self.key.log_name() if self.key else None, "mode": self.mode,
+            "outcome": outcome if outcome != "complete" else f"complete {self.result.files}",
+            "code": code, "dur": time.monotonic() - self.started,
+            "stored": self.result.stored, **extra,
+        }
+        if outcome == "truncated":
+            fields["outcome"] = f"truncated after {self.result.files}"
+        (self.log.info if outcome == "complete" else self.log.warning)(**fields)
+
+    def _close(self) -> None:
+        if self.hooks is not None:
+            self.hooks.close()
+        if self.store is not None:
+            self.store.close()
+        db = getattr(self, "_db", None)
+        if db is not None:
+            db.close()

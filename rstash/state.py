@@ -1,0 +1,488 @@
+"""SQLite under ``state_dir``: the pipe-mode replay cache and the delivery log.
+
+This module owns the file ``<state_dir>/rstash.db`` and the rules of rstash(7)
+rule 2 (replay cache) and section "Logs and status" (delivery log, ``--status``).
+It never touches sockets or boxes.
+
+Two halves with opposite failure policies:
+
+* The **replay cache** (:meth:`StateDB.check_replay`) fails CLOSED. Any SQLite
+  error, an unsafe ``state_dir`` or too many live rows raises
+  :class:`StateUnavailable` (``451``); a replay raises :class:`ReplayRefused`
+  (``532``). Nothing here may ever let an error look like an accepted nonce:
+  the caller reads no FILE frame until ``check_replay`` has *returned*, and it
+  returns only after its transaction committed.
+* The **delivery log** (:meth:`StateDB.log_event`) fails OPEN: it returns False
+  and never raises, so a broken log never changes a reply.
+
+It must never store a secret: nonces and fingerprints are fine, keys, proofs and
+tags are not.
+
+Fork safety: a SQLite connection must not cross ``fork()``. Make the
+:class:`StateDB` in the process that uses it (per connection, after the accept
+loop forks). As a guard, a connection inherited across fork is abandoned
+without being closed (closing it could checkpoint or unlock on the parent's
+behalf) and a fresh one is opened.
+
+Schema (version 1)::
+
+    meta(key TEXT PRIMARY KEY, value)            created = creation time, schema = 1
+    floors(box TEXT PRIMARY KEY, floor INTEGER)  absent row: floor = created
+    replay(box, nonce BLOB, t INTEGER, PRIMARY KEY(box, nonce))
+    events(id, at REAL, box, name, outcome, code, bytes, sha256, peer, key)
+    keys(key, box, last_used REAL, PRIMARY KEY(key, box))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sqlite3
+import stat
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator
+from types import TracebackType
+from typing import Any
+
+from rstash.errors import Reply, RstashError
+
+DB_NAME = "rstash.db"
+SCHEMA_VERSION = 1
+#: File systems on which the replay cache is refused: SQLite's WAL needs
+#: shared memory and POSIX locks that hold across every writer, which network
+#: file systems do not promise (rstash(7) rule 2).
+NETWORK_FSTYPES = frozenset({"nfs", "nfs4", "cifs", "smb3", "fuse.sshfs", "9p"})
+#: rstash(7) rule 2: more live nonces than this for one box is a 451.
+MAX_LIVE_ROWS = 100_000
+#: Delivery-log rows older than this are pruned as new rows arrive, so that the
+#: database does not grow without bound (auth failures come from anyone).
+LOG_KEEP_SECONDS = 90 * 86400
+#: Peer-supplied strings are cut to this many UTF-8 bytes, as in the text log.
+MAX_FIELD_BYTES = 300
+
+#: Delivery-log outcomes (the vocabulary shared with log lines and --json).
+OUTCOMES = frozenset({
+    "stored", "exists", "refused", "temporary", "would_store", "aborted", "error", "auth_failed",
+})
+#: Outcomes that --status counts as refusals ("aborted" is the client's own
+#: choice and "would_store" a dry run: neither is).
+REFUSAL_OUTCOMES = frozenset({"exists", "refused", "temporary", "error", "auth_failed"})
+
+_BUSY_TIMEOUT_MS = 5000
+# Connections inherited across fork(): kept referenced so that they are never
+# closed (and so never checkpoint, unlock or delete WAL files) in the child.
+_ABANDONED: list[sqlite3.Connection] = []
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value)",
+    "CREATE TABLE IF NOT EXISTS floors (box TEXT PRIMARY KEY, floor INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS replay (box TEXT NOT NULL, nonce BLOB NOT NULL,"
+    " t INTEGER NOT NULL, PRIMARY KEY (box, nonce)) WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS replay_t ON replay (t)",
+    "CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY, at REAL NOT NULL,"
+    " box TEXT NOT NULL, name TEXT, outcome TEXT NOT NULL, code INTEGER NOT NULL,"
+    " bytes INTEGER NOT NULL DEFAULT 0, sha256 TEXT, peer TEXT, key TEXT)",
+    "CREATE INDEX IF NOT EXISTS events_box_outcome_at ON events (box, outcome, at)",
+    "CREATE INDEX IF NOT EXISTS events_at ON events (at)",
+    "CREATE TABLE IF NOT EXISTS keys (key TEXT NOT NULL, box TEXT NOT NULL,"
+    " last_used REAL NOT NULL, PRIMARY KEY (key, box))",
+)
+
+
+class ReplayRefused(RstashError):
+    """A pipe-mode nonce was seen before, or its time is not above the box's floor."""
+
+    reply = Reply.REPLAYED
+
+
+class ClockSkew(RstashError):
+    """A pipe-mode time outside replay_window. ``skew`` = client time - server time."""
+
+    reply = Reply.CLOCK_SKEW
+
+    def __init__(self, skew: int) -> None:
+        self.skew = skew
+        super().__init__(f"clock skew {skew:+d} s")
+
+
+class StateUnavailable(RstashError):
+    """The replay cache cannot answer: SQLite failed, or state_dir is unfit. Fails closed."""
+
+    reply = Reply.LOCAL_ERROR
+
+
+# --- state_dir checks ---------------------------------------------------------------------
+
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
+def _unescape_mountinfo(field: str) -> str:
+    # The kernel escapes space, tab, newline and backslash as \040 \011 \012 \134.
+    return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
+
+
+def parse_mountinfo(text: str) -> list[tuple[str, str]]:
+    """(mount point, fstype) of every line of a /proc/self/mountinfo text, in order.
+
+    Format (proc(5)): ``id parent maj:min root MOUNTPOINT options [optional...] - FSTYPE
+    source superoptions``; the optional fields end at a lone ``-``. Malformed lines are
+    skipped.
+    """
+    mounts: list[tuple[str, str]] = []
+    for line in text.splitlines():
+        fields = line.split(" ")
+        try:
+            sep = fields.index("-", 6)
+        except ValueError:
+            continue
+        if len(fields) <= sep + 1:
+            continue
+        mounts.append((_unescape_mountinfo(fields[4]), _unescape_mountinfo(fields[sep + 1])))
+    return mounts
+
+
+def fstype_of(path: str, mountinfo: str) -> str | None:
+    """The fstype of the mount holding absolute ``path`` (already resolved), or None.
+
+    The mount whose mount point is the longest prefix of ``path`` wins; of equal
+    mount points the later line wins (it was mounted on top).
+    """
+    best: tuple[int, str] | None = None
+    for point, fstype in parse_mountinfo(mountinfo):
+        prefix = point.rstrip("/") + "/"
+        if path == point or path.startswith(prefix):
+            if best is None or len(point) >= best[0]:
+                best = (len(point), fstype)
+    return None if best is None else best[1]
+
+
+def check_state_dir(path: str | os.PathLike[str], *, mountinfo: str | None = None) -> str | None:
+    """Why ``path`` is unfit to hold the replay cache, or None when it is fit.
+
+    Fit: an existing directory (not a symlink), mode exactly 0700, owned by the
+    effective uid, on a local file system. ``mountinfo`` replaces the text of
+    /proc/self/mountinfo (tests); when that cannot be read the answer is "unfit":
+    a cache we cannot prove local is refused.
+    """
+    path = os.fspath(path)
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        return f"{path}: {exc.strerror or exc}"
+    if stat.S_ISLNK(st.st_mode):
+        return f"{path}: is a symbolic link"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{path}: not a directory"
+    mode = stat.S_IMODE(st.st_mode)
+    if mode != 0o700:
+        return f"{path}: mode {mode:04o}, must be 0700"
+    euid = os.geteuid()
+    if st.st_uid != euid:
+        return f"{path}: owned by uid {st.st_uid}, not by the service user (uid {euid})"
+    if mountinfo is None:
+        try:
+            with open("/proc/self/mountinfo", "rb") as f:
+                mountinfo = os.fsdecode(f.read())
+        except OSError as exc:
+            return f"{path}: cannot tell whether it is local (/proc/self/mountinfo: {exc.strerror})"
+    fstype = fstype_of(os.path.realpath(path), mountinfo)
+    if fstype is None:
+        return f"{path}: no mount found for it in /proc/self/mountinfo"
+    if fstype in NETWORK_FSTYPES:
+        return f"{path}: on a {fstype} file system, must be local"
+    return None
+
+
+# --- the database -------------------------------------------------------------------------
+
+
+def _clip(value: str | None) -> str | None:
+    """A peer-supplied string made storable: lone surrogates escaped, cut at MAX_FIELD_BYTES."""
+    if value is None:
+        return None
+    data = value.encode("utf-8", "backslashreplace")
+    if len(data) > MAX_FIELD_BYTES:
+        data = data[:MAX_FIELD_BYTES]
+    return data.decode("utf-8", "ignore")
+
+
+class StateDB:
+    """``<state_dir>/rstash.db``: one per process, made after fork (see the module docstring).
+
+    The connection is opened on first use, so constructing never fails: the
+    replay cache reports an unusable database as :class:`StateUnavailable`, the
+    delivery log as a False return. ``readonly=True`` (``--status``) never creates
+    or changes anything, and a missing database reads as an empty status.
+    """
+
+    def __init__(self, state_dir: str | os.PathLike[str], *, readonly: bool = False,
+                 now: Callable[[], float] = time.time) -> None:
+        self.state_dir = os.fspath(state_dir)
+        self.path = os.path.join(self.state_dir, DB_NAME)
+        self.readonly = readonly
+        self.now = now
+        #: why the last log_event returned False (for the caller's log line)
+        self.last_error: str | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._pid = 0
+        self._created = 0
+
+    # -- connection --
+
+    def _connection(self) -> sqlite3.Connection:
+        """The writable connection of this process, opened (and the schema made) on demand."""
+        if self.readonly:
+            raise sqlite3.OperationalError("the state database was opened read-only")
+        if self._conn is not None and self._pid != os.getpid():
+            _ABANDONED.append(self._conn)
+            self._conn = None
+        if self._conn is None:
+            conn = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_MS / 1000,
+                                   isolation_level=None)
+            try:
+                self._created = self._setup(conn)
+            except BaseException:
+                conn.close()
+                raise
+            self._conn, self._pid = conn, os.getpid()
+        return self._conn
+
+    def _setup(self, conn: sqlite3.Connection) -> int:
+        conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        if mode is None or str(mode[0]).lower() != "wal":
+            raise sqlite3.OperationalError(f"journal_mode is {mode!r}, not wal")
+        conn.execute("PRAGMA synchronous = FULL")
+        with _transaction(conn):
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            # A new cache sets every box's floor to its creation time (rule 2): a
+            # stream made before the cache existed may have been accepted by a
+            # cache that is gone, so it is refused.
+            conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('created', ?)",
+                         (int(self.now()),))
+            conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)",
+                         (SCHEMA_VERSION,))
+            return _read_meta(conn)
+
+    @contextlib.contextmanager
+    def _readonly_connection(self) -> Iterator[sqlite3.Connection | None]:
+        """A read-only connection, or None when there is no database (nothing is created)."""
+        if not os.path.exists(self.path):
+            yield None
+            return
+        # mode=ro still creates -wal and -shm when they are missing and leaves them
+        # behind; SQLite's unix VFS, run as root, fchowns them to the database's owner,
+        # so the service user can still write (pinned by a test).
+        uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=ro"
+        conn = sqlite3.connect(uri, uri=True, timeout=_BUSY_TIMEOUT_MS / 1000,
+                               isolation_level=None)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            _read_meta(conn)
+            yield conn
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            if self._pid == os.getpid():
+                self._conn.close()
+            else:
+                _ABANDONED.append(self._conn)
+            self._conn = None
+
+    def __enter__(self) -> StateDB:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- replay cache (fails closed) --
+
+    def check_replay(self, box: str, nonce: bytes, t: int, window: int,
+                     max_rows: int = MAX_LIVE_ROWS) -> None:
+        """Accept a pipe-mode HELLO's (box, nonce, t) once, or raise (rstash(7) rule 2).
+
+        Returns only after the nonce is committed. Raises :class:`ClockSkew` (531),
+        :class:`ReplayRefused` (532) or :class:`StateUnavailable` (451); never
+        anything else for a database or state_dir problem.
+        """
+        problem = check_state_dir(self.state_dir)
+        if problem is not None:
+            raise StateUnavailable(f"replay cache refused: {problem}")
+        now = int(self.now())
+        if abs(now - t) > window:
+            raise ClockSkew(t - now)
+        try:
+            conn = self._connection()
+            with _transaction(conn):
+                self._prune(conn, now - window)
+                if t <= self._floor(conn, box):
+                    raise ReplayRefused(f"replayed session: time {t} not above the box's floor")
+                row = conn.execute("SELECT count(*) FROM replay WHERE box = ?", (box,)).fetchone()
+                if row[0] >= max_rows:
+                    raise StateUnavailable(
+                        f"replay cache full: {row[0]} live nonces for box {box!r}")
+                try:
+                    conn.execute("INSERT INTO replay (box, nonce, t) VALUES (?, ?, ?)",
+                                 (box, nonce, t))
+                except sqlite3.IntegrityError:
+                    raise ReplayRefused("replayed session: nonce already seen") from None
+        except sqlite3.Error as exc:
+            raise StateUnavailable(f"replay cache {self.path}: {exc}") from exc
+        except (ValueError, OverflowError) as exc:
+            raise StateUnavailable(f"replay cache {self.path}: {exc}") from exc
+
+    def _floor(self, conn: sqlite3.Connection, box: str) -> int:
+        row = conn.execute("SELECT floor FROM floors WHERE box = ?", (box,)).fetchone()
+        return self._created if row is None else max(int(row[0]), self._created)
+
+    def _prune(self, conn: sqlite3.Connection, before: int) -> None:
+        # Raise each floor before deleting, so a pruned nonce can never come back.
+        pruned = conn.execute(
+            "SELECT box, max(t) FROM replay WHERE t < ? GROUP BY box", (before,)).fetchall()
+        for box, top in pruned:
+            conn.execute(
+                "INSERT INTO floors (box, floor) VALUES (?, ?)"
+                " ON CONFLICT (box) DO UPDATE SET floor = max(floor, excluded.floor)",
+                (box, max(int(top), self._floor(conn, box))))
+        if pruned:
+            conn.execute("DELETE FROM replay WHERE t < ?", (before,))
+
+    # -- delivery log (fails open) --
+
+    def log_event(self, *, box: str, name: str | None, outcome: str, code: int, bytes: int = 0,
+                  sha256: str | None = None, peer: str | None = None, key: str | None = None,
+                  when: float | None = None) -> bool:
+        """Record one delivery-log row; True when it was written.
+
+        ``key`` is the fingerprint and comment of the key used; it also updates the
+        key's last use unless the outcome is ``auth_failed``. Never raises: the
+        reason of a False return is in :attr:`last_error`. An unknown ``outcome``
+        is stored as given (the caller's log line is the record of truth).
+        """
+        try:
+            at = float(self.now() if when is None else when)
+            conn = self._connection()
+            with _transaction(conn):
+                conn.execute(
+                    "INSERT INTO events (at, box, name, outcome, code, bytes, sha256, peer, key)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (at, _clip(box) or "", _clip(name), _clip(outcome) or "", int(code),
+                     int(bytes), _clip(sha256), _clip(peer), _clip(key)))
+                if key is not None and outcome != "auth_failed":
+                    conn.execute(
+                        "INSERT INTO keys (key, box, last_used) VALUES (?, ?, ?)"
+                        " ON CONFLICT (key, box) DO UPDATE"
+                        " SET last_used = max(last_used, excluded.last_used)",
+                        (_clip(key), _clip(box) or "", at))
+                conn.execute("DELETE FROM events WHERE at < ?", (at - LOG_KEEP_SECONDS,))
+        except Exception as exc:  # fails open: a broken log must never change a reply
+            self.last_error = f"delivery log {self.path}: {exc}"
+            return False
+        self.last_error = None
+        return True
+
+    # -- --status --
+
+    def status(self, box: str | None = None, *, since: float | None = None) -> dict[str, Any]:
+        """Recent deliveries and refusals per box and the last use of each key.
+
+        ``since`` starts the counting window (default: 24 h before ``now()``).
+        Returns (JSON-ready; times are Unix seconds, floats)::
+
+            {"now": float, "since": float,
+             "boxes": [{"box": str, "last_activity": float,
+                        "stored_count": int, "refused_count": int,   # at or after `since`
+                        "last_stored": {"name", "time", "bytes", "sha256", "peer", "key"} | None,
+                        "last_refused": {"name", "time", "code", "outcome", "peer", "key"}
+                                        | None}],
+             "keys": [{"key": str, "box": str, "last_used": float}]}
+
+        Boxes are sorted by name, keys by box then key; ``box`` limits both to one
+        box. A missing database is an empty status. Names and peers are raw
+        (peer-supplied, possibly with control characters): escape them to print.
+        Raises :class:`StateUnavailable` when the database cannot be read.
+        """
+        now = float(self.now())
+        start = now - 86400 if since is None else float(since)
+        result: dict[str, Any] = {"now": now, "since": start, "boxes": [], "keys": []}
+        try:
+            if self.readonly:
+                with self._readonly_connection() as conn:
+                    if conn is not None:
+                        self._fill_status(conn, result, box, start)
+            else:
+                self._fill_status(self._connection(), result, box, start)
+        except sqlite3.Error as exc:
+            raise StateUnavailable(f"state database {self.path}: {exc}") from exc
+        return result
+
+    @staticmethod
+    def _fill_status(conn: sqlite3.Connection, result: dict[str, Any], box: str | None,
+                     start: float) -> None:
+        # The IN lists spell out REFUSAL_OUTCOMES (literal SQL, no string building).
+        with _transaction(conn, "BEGIN"):  # one snapshot for every query
+            rows = conn.execute(
+                "SELECT box, max(at), sum(outcome = 'stored' AND at >= ?),"
+                " sum(outcome IN ('auth_failed', 'error', 'exists', 'refused', 'temporary')"
+                " AND at >= ?)"
+                " FROM events WHERE ? IS NULL OR box = ? GROUP BY box ORDER BY box",
+                (start, start, box, box)).fetchall()
+            for name, last, stored, refused in rows:
+                s = conn.execute(
+                    "SELECT name, at, bytes, sha256, peer, key FROM events"
+                    " WHERE box = ? AND outcome = 'stored' ORDER BY at DESC, id DESC LIMIT 1",
+                    (name,)).fetchone()
+                r = conn.execute(
+                    "SELECT name, at, code, outcome, peer, key FROM events WHERE box = ?"
+                    " AND outcome IN ('auth_failed', 'error', 'exists', 'refused', 'temporary')"
+                    " ORDER BY at DESC, id DESC LIMIT 1",
+                    (name,)).fetchone()
+                result["boxes"].append({
+                    "box": name,
+                    "last_activity": last,
+                    "stored_count": int(stored or 0),
+                    "refused_count": int(refused or 0),
+                    "last_stored": None if s is None else dict(zip(
+                        ("name", "time", "bytes", "sha256", "peer", "key"), s, strict=True)),
+                    "last_refused": None if r is None else dict(zip(
+                        ("name", "time", "code", "outcome", "peer", "key"), r, strict=True)),
+                })
+            result["keys"] = [
+                {"key": k, "box": b, "last_used": used}
+                for k, b, used in conn.execute(
+                    "SELECT key, box, last_used FROM keys WHERE ? IS NULL OR box = ?"
+                    " ORDER BY box, key", (box, box))
+            ]
+
+
+def _read_meta(conn: sqlite3.Connection) -> int:
+    """The cache's creation time; refuses a database of another schema version."""
+    meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    if meta.get("schema") != SCHEMA_VERSION:
+        raise sqlite3.DatabaseError(f"unknown schema version {meta.get('schema')!r}")
+    return int(meta["created"])
+
+
+@contextlib.contextmanager
+def _transaction(conn: sqlite3.Connection, begin: str = "BEGIN IMMEDIATE") -> Iterator[None]:
+    """One explicit transaction: COMMIT when the block ends, ROLLBACK on any exception.
+
+    IMMEDIATE takes the write lock up front (waiting busy_timeout), so two
+    sessions checking the same nonce serialise instead of both reading "absent".
+    """
+    conn.execute(begin)
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        # Also after a failed COMMIT (SQLITE_BUSY leaves the transaction open).
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        raise

@@ -1,0 +1,166 @@
+"""Moving bytes with deadlines: stdin/stdout, sockets, an ssh subprocess.
+
+Every read and write waits in ``poll()`` against a ``time.monotonic()``
+deadline, in every deployment shape: no SIGALRM, no blocking call without a
+bound. This module knows nothing of frames or lines.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import time
+from collections.abc import Sequence
+
+from .errors import PeerTimeout, TransportError
+
+READ_SIZE = 256 * 1024
+
+
+def set_nonblocking(fd: int) -> None:
+    os.set_blocking(fd, False)
+
+
+class FdStream:
+    """A byte stream over one fd (a socket) or two (a pipe pair, ssh's stdio)."""
+
+    def __init__(self, rfd: int, wfd: int | None = None) -> None:
+        self.rfd = rfd
+        self.wfd = rfd if wfd is None else wfd
+        set_nonblocking(self.rfd)
+        if self.wfd != self.rfd:
+            set_nonblocking(self.wfd)
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    def _wait(self, fd: int, events: int, deadline: float, what: str) -> None:
+        p = select.poll()
+        p.register(fd, events)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise PeerTimeout(f"timed out waiting to {what}")
+            if p.poll(left * 1000):
+                return
+
+    def read(self, deadline: float, size: int = READ_SIZE) -> bytes:
+        """Up to ``size`` bytes; ``b""`` at end of stream."""
+        while True:
+            try:
+                data = os.read(self.rfd, size)
+            except BlockingIOError:
+                self._wait(self.rfd, select.POLLIN, deadline, "read")
+                continue
+            except ConnectionResetError:
+                return b""
+            except OSError as e:
+                raise TransportError(f"read failed: {e.strerror}") from None
+            self.bytes_in += len(data)
+            return data
+
+    def readable(self, timeout: float) -> bool:
+        p = select.poll()
+        p.register(self.rfd, select.POLLIN)
+        return bool(p.poll(max(0.0, timeout) * 1000))
+
+    def write(self, data: bytes | memoryview, deadline: float) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self.wfd, view)
+            except BlockingIOError:
+                self._wait(self.wfd, select.POLLOUT, deadline, "write")
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                raise TransportError("connection closed by peer") from None
+            except OSError as e:
+                raise TransportError(f"write failed: {e.strerror}") from None
+            self.bytes_out += n
+            view = view[n:]
+
+    def writev(self, parts: Sequence[bytes | memoryview], deadline: float) -> None:
+        for part in parts:
+            if part:
+                self.write(part, deadline)
+
+    def shutdown_write(self) -> None:
+        try:
+            if self.wfd == self.rfd:
+                socket.socket(fileno=os.dup(self.wfd)).shutdown(socket.SHUT_WR)
+            else:
+                os.close(self.wfd)
+        except OSError:
+            pass
+
+
+def deadline_after(seconds: float) -> float:
+    return time.monotonic() + seconds
+
+
+def peer_address(fd: int = 0) -> str | None:
+    """The client's address: getpeername() on a socket, else SSH_CONNECTION / SSH_CLIENT.
+
+    The environment is believed only when fd 0 is not a socket: a TCP peer can't
+    set it, and under ssh sshd sets it for us.
+    """
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        sock = None
+    if sock is not None:
+        try:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                try:
+                    return normalise_address(sock.getpeername()[0])
+                except OSError:
+                    return None
+            if sock.family == socket.AF_UNIX:
+                return None
+        finally:
+            sock.close()
+    for var in ("SSH_CONNECTION", "SSH_CLIENT"):
+        value = os.environ.get(var, "").split()
+        if value:
+            return normalise_address(value[0])
+    return None
+
+
+def normalise_address(addr: str) -> str:
+    """Drop a scope id and match IPv4-mapped IPv6 as IPv4."""
+    import ipaddress
+
+    addr = addr.split("%", 1)[0]
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return addr
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def is_socket(fd: int) -> bool:
+    import stat
+
+    try:
+        return stat.S_ISSOCK(os.fstat(fd).st_mode)
+    except OSError:
+        return False
+
+
+def is_listening_socket(fd: int) -> bool:
+    if not is_socket(fd):
+        return False
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return False
+    try:
+        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+    except OSError:
+        return False
+    finally:
+        sock.close()
+
+

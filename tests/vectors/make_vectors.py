@@ -1,0 +1,233 @@
+#!/usr/bin/env python3
+"""Independent rstash/1 test vectors, written from rstash(7) and the brief alone.
+
+Never import the rstash package here: these vectors exist to catch the
+implementation and the specification drifting apart.  Standard library only
+(hashlib, hmac, struct, base64, json).  Run it to rewrite vectors.json next to
+this file; ``--check`` exits 1 if the file on disk differs.
+
+vectors.json (bytes are lowercase hex strings, lines are ASCII strings
+without CRLF, integers are JSON numbers):
+
+  inputs            fixed inputs: key, box, key_comment, challenge, nc, t,
+                    ext, content, file {name, size, mtime, flags, tid,
+                    offset}, refused_name
+  key_file_line     the key file's line for inputs.key with inputs.key_comment
+  fingerprint       "SHA256:" + unpadded standard base64
+  fingerprint_line  as printed by --fingerprint / --gen-key
+  prk, key_id       PRK = HMAC(b"rstash/1", K); key_id = E(b"key-id\\0", 8)
+  interactive       mode 1: greeting (G), hello_without_proof, th, proof,
+                    hello_payload, k_c2s, k_s2c, auth_line (the 235 line)
+  file0             FILE i=0 under interactive keys: hdr, hdr_sha256, tag,
+                    payload, content_sha256 (D), end_tag, end_payload,
+                    receipt_mac, receipt_line (250), abort_payload (i=0)
+  bye1_payload      BYE with count 1; done_line: "221 bye 1 mac=..."
+  refusal           receipt for i=1 code 553 name inputs.refused_name:
+                    receipt_mac, receipt_line
+  sessions          interactive and pipe: client_hex (whole client byte
+                    stream, frame headers included), server_lines, server_hex
+                    (the lines joined with CRLF, each CRLF-terminated); pipe
+                    also carries its own hello_without_proof, th, proof,
+                    k_c2s, k_s2c (mode 2, G empty)
+  percent_encoding  {input, output}: a name and its form in reply lines
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import struct
+import sys
+from typing import Any
+
+HELLO, FILE, DATA, END, ABORT, BYE = 1, 2, 3, 4, 5, 6
+
+
+def mac(key: bytes, msg: bytes) -> bytes:
+    return hmac.new(key, msg, hashlib.sha256).digest()
+
+
+def s(b: bytes) -> bytes:
+    return struct.pack(">H", len(b)) + b
+
+
+def u64(n: int) -> bytes:
+    return struct.pack(">Q", n)
+
+
+def b64url(b: bytes) -> str:
+    return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+
+
+def frame(kind: int, payload: bytes) -> bytes:
+    return struct.pack(">BI", kind, len(payload)) + payload
+
+
+def pct(name: str) -> str:
+    return "".join(
+        chr(c) if 0x21 <= c <= 0x7E and c != 0x25 else f"%{c:02X}" for c in name.encode("utf-8")
+    )
+
+
+K = bytes(range(0x00, 0x20))
+BOX = "vm1"
+COMMENT = "vm1"
+CHALLENGE = bytes(range(0x20, 0x40))
+NC = bytes(range(0x40, 0x60))
+T = 1767225600
+NAME, SIZE, MTIME, FLAGS, TID, OFFSET = "hello.txt", 14, 1767225000, 0, bytes(16), 0
+CONTENT = b"hello, rstash\n"
+REFUSED = "../etc/passwd"
+GREETING = "220 rstash/1 methods=hmac-sha256 challenge=" + b64url(CHALLENGE)
+
+PRK = mac(b"rstash/1", K)
+
+
+def E(info: bytes, n: int = 32) -> bytes:
+    return mac(PRK, info + b"\x01")[:n]
+
+
+KEY_ID = E(b"key-id\0", 8)
+
+
+def handshake(mode: int, g: str) -> dict[str, bytes]:
+    body = bytes([1, mode, 1]) + s(BOX.encode()) + KEY_ID + NC + u64(T) + s(b"")
+    th = hashlib.sha256(b"rstash/1 hello\0" + s(g.encode()) + body).digest()
+    proof = E(b"c2s proof\0" + th)
+    return dict(
+        hello_without_proof=body,
+        th=th,
+        proof=proof,
+        hello_payload=body + proof,
+        k_c2s=E(b"c2s tags\0" + th),
+        k_s2c=E(b"s2c receipts\0" + th),
+    )
+
+
+def receipt(k_s2c: bytes, i: int, code: int, name: str, n: int = 0, d: bytes = bytes(32)) -> str:
+    return b64url(
+        mac(k_s2c, b"RCPT\0" + u64(i) + struct.pack(">H", code) + s(name.encode()) + u64(n) + d)[
+            :16
+        ]
+    )
+
+
+def file_vectors(hs: dict[str, bytes]) -> dict[str, Any]:
+    hdr = (
+        u64(0)
+        + s(NAME.encode())
+        + u64(SIZE)
+        + struct.pack(">q", MTIME)
+        + bytes([FLAGS])
+        + TID
+        + u64(OFFSET)
+    )
+    tag = mac(hs["k_c2s"], b"FILE\0" + hdr)
+    d = hashlib.sha256(CONTENT).digest()
+    end_tag = mac(hs["k_c2s"], b"END\0" + hashlib.sha256(hdr).digest() + u64(len(CONTENT)) + d)
+    rm = receipt(hs["k_s2c"], 0, 250, NAME, len(CONTENT), d)
+    return dict(
+        hdr=hdr,
+        hdr_sha256=hashlib.sha256(hdr).digest(),
+        tag=tag,
+        payload=hdr + tag,
+        content_sha256=d,
+        end_tag=end_tag,
+        end_payload=u64(len(CONTENT)) + end_tag,
+        receipt_mac=rm,
+        receipt_line=f"250 stored {len(CONTENT)} sha256:{d.hex()} {pct(NAME)} mac={rm}",
+        abort_payload=mac(hs["k_c2s"], b"ABORT\0" + u64(0)),
+    )
+
+
+def session(hs: dict[str, bytes]) -> tuple[dict[str, Any], bytes, str, str, dict[str, Any]]:
+    f = file_vectors(hs)
+    bye = u64(1) + mac(hs["k_c2s"], b"BYE\0" + u64(1))
+    done = "221 bye 1 mac=" + b64url(mac(hs["k_s2c"], b"DONE\0" + u64(1) + u64(1))[:16])
+    auth = "235 ok mac=" + b64url(mac(hs["k_s2c"], b"AUTH\0")[:16])
+    client = (
+        frame(HELLO, hs["hello_payload"])
+        + frame(FILE, f["payload"])
+        + frame(DATA, CONTENT)
+        + frame(END, f["end_payload"])
+        + frame(BYE, bye)
+    )
+    lines = [GREETING, auth, f["receipt_line"], done]
+    server = "".join(line + "\r\n" for line in lines).encode("ascii")
+    return f, bye, done, auth, dict(client_hex=client, server_lines=lines, server_hex=server)
+
+
+def hexify(o: Any) -> Any:
+    if isinstance(o, bytes):
+        return o.hex()
+    if isinstance(o, dict):
+        return {k: hexify(v) for k, v in o.items()}
+    if isinstance(o, list):
+        return [hexify(v) for v in o]
+    return o
+
+
+def build() -> Any:
+    ia = handshake(1, GREETING)
+    f, bye, done, auth, ia_session = session(ia)
+    pipe = handshake(2, "")
+    _, _, _, _, pipe_session = session(pipe)
+    for k in ("hello_without_proof", "th", "proof", "k_c2s", "k_s2c"):
+        pipe_session[k] = pipe[k]
+    rm = receipt(ia["k_s2c"], 1, 553, REFUSED)
+    fp = (
+        "SHA256:"
+        + base64.b64encode(hashlib.sha256(b"rstash/1 fingerprint\0" + K).digest())
+        .rstrip(b"=")
+        .decode()
+    )
+    return hexify(
+        {
+            "inputs": {
+                "key": K,
+                "box": BOX,
+                "key_comment": COMMENT,
+                "challenge": CHALLENGE,
+                "nc": NC,
+                "t": T,
+                "ext": b"",
+                "content": CONTENT,
+                "file": {
+                    "name": NAME,
+                    "size": SIZE,
+                    "mtime": MTIME,
+                    "flags": FLAGS,
+                    "tid": TID,
+                    "offset": OFFSET,
+                },
+                "refused_name": REFUSED,
+            },
+            "key_file_line": f"rstash-key-v1 {K.hex()} # {COMMENT}",
+            "fingerprint": fp,
+            "fingerprint_line": f"256 {fp} {COMMENT} (rstash-hmac)",
+            "prk": PRK,
+            "key_id": KEY_ID,
+            "interactive": dict(greeting=GREETING, **ia, auth_line=auth),
+            "file0": f,
+            "bye1_payload": bye,
+            "done_line": done,
+            "refusal": {
+                "receipt_mac": rm,
+                "receipt_line": f"553 name not allowed {pct(REFUSED)} mac={rm}",
+            },
+            "sessions": {"interactive": ia_session, "pipe": pipe_session},
+            "percent_encoding": {"input": "a b%c\u00e9", "output": pct("a b%c\u00e9")},
+        }
+    )
+
+
+if __name__ == "__main__":
+    text = json.dumps(build(), indent=2, ensure_ascii=True) + "\n"
+    path = __file__.rsplit("/", 1)[0] + "/vectors.json" if "/" in __file__ else "vectors.json"
+    if sys.argv[1:] == ["--check"]:
+        with open(path, encoding="ascii") as fh:
+            sys.exit(0 if fh.read() == text else 1)
+    with open(path, "w", encoding="ascii") as fh:
+        fh.write(text)
