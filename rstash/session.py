@@ -177,7 +177,9 @@ class ServerSession:
             self.log.warning(event="auth", outcome="auth_failed", code=Reply.AUTH_FAILED,
                              peer=self.peer or "unknown", box=hello.box, mode=self.mode,
                              reason=why)
-            self._record(box=hello.box.decode("utf-8", "replace"), name=None,
+            # Only configured boxes reach the delivery log: made-up names must not
+            # be able to fill --status.
+            self._record(box=box.name if box is not None else "", name=None,
                          outcome="auth_failed", code=Reply.AUTH_FAILED)
             self.send(protocol.session_line(Reply.AUTH_FAILED))
             self.result.outcome = "auth_failed"

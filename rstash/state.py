@@ -270,9 +270,13 @@ class StateDB:
     @contextlib.contextmanager
     def _readonly_connection(self) -> Iterator[sqlite3.Connection | None]:
         """A read-only connection, or None when there is no database (nothing is created)."""
-        if not os.path.exists(self.path):
+        try:
+            os.stat(self.path)
+        except FileNotFoundError:
             yield None
             return
+        except OSError as exc:  # e.g. an admin who cannot enter state_dir: say so
+            raise sqlite3.OperationalError(f"cannot open: {exc.strerror}") from exc
         # mode=ro still creates -wal and -shm when they are missing and leaves them
         # behind; SQLite's unix VFS, run as root, fchowns them to the database's owner,
         # so the service user can still write (pinned by a test).
