@@ -16,7 +16,6 @@ import re
 import stat
 import struct
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .errors import KeyFileError
 

@@ -77,7 +77,7 @@ class Logger:
                 sys.stderr.flush()
             else:
                 self._to_file(level, text)
-        except Exception:  # noqa: BLE001 - a log target failing must never end a session
+        except Exception:  # noqa: S110 - a log target failing must never end a session
             pass
 
     def info(self, **fields: Any) -> None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from fnmatch import fnmatchcase
 from collections.abc import Sequence
+from fnmatch import fnmatchcase
 
 MAX_NAME_BYTES = 255
 #: Unicode categories refused anywhere in a name: controls, format characters

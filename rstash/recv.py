@@ -9,6 +9,13 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import argparse
+
+    from .config import Config
+    from .log import Logger
 
 
 def _fd2_hygiene() -> None:
@@ -50,7 +57,8 @@ def _isolate() -> None:
         return
     if any(name.startswith("PYTHON") for name in os.environ):
         env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-        os.execve(sys.executable, [sys.executable, "-I", "-m", "rstash.recv", *sys.argv[1:]], env)
+        argv = [sys.executable, "-I", "-m", "rstash.recv", *sys.argv[1:]]
+        os.execve(sys.executable, argv, env)  # noqa: S606 - our own interpreter, no shell
 
 
 DEFAULT_CONFIG = "/etc/rstash/rstash-recv.toml"
@@ -67,7 +75,7 @@ rstash-recv --fingerprint FILE
 rstash-recv -V | --version"""
 
 
-def _parser() -> object:
+def _parser() -> argparse.ArgumentParser:
     import argparse
 
     p = argparse.ArgumentParser(
@@ -113,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import ConfigError, Exit, RstashError
 
     parser = _parser()
-    args = parser.parse_args(argv)  # type: ignore[attr-defined]
+    args = parser.parse_args(argv)
     try:
         if args.version:
             from . import PROTOCOL, __version__
@@ -128,16 +136,16 @@ def main(argv: list[str] | None = None) -> int:
             print(load_key_file(args.fingerprint).describe())
             return Exit.OK
         if args.test_config or args.check_config or args.dump_config or args.status is not None:
-            from . import admin
+            from . import admin  # type: ignore[attr-defined,unused-ignore]
 
             if args.test_config:
-                return admin.test_config(args.config)
+                return int(admin.test_config(args.config))
             if args.check_config:
-                return admin.check_config(args.config, as_json=args.json, user=args.user)
+                return int(admin.check_config(args.config, as_json=args.json, user=args.user))
             if args.dump_config:
-                return admin.dump_config(args.config, as_json=args.json)
-            return admin.status(args.config, args.status or None, as_json=args.json,
-                                stale_after=args.stale_after)
+                return int(admin.dump_config(args.config, as_json=args.json))
+            return int(admin.status(args.config, args.status or None, as_json=args.json,
+                                    stale_after=args.stale_after))
         return _serve(args)
     except ConfigError as e:
         for problem in e.problems:
@@ -148,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_status if e.exit_status != Exit.PROTOCOL else Exit.REFUSED
     except KeyboardInterrupt:
         return 130
-    except Exception as e:  # noqa: BLE001 - one line, never a traceback
+    except Exception as e:
         _err(f"internal error: {type(e).__name__}: {e}")
         return Exit.LOCAL
 
@@ -185,29 +193,29 @@ def _gen_key(target: str, comment: str) -> int:
     return Exit.OK
 
 
-def _serve(args: object) -> int:
+def _serve(args: argparse.Namespace) -> int:
     from .config import load_config
     from .errors import Exit
     from .log import Logger
     from .transport import is_listening_socket
 
-    a = args
     if os.geteuid() == 0:
         _err("refusing to serve as root: run rstash-recv as its service user")
         return Exit.LOCAL
-    cfg = load_config(a.config)  # type: ignore[attr-defined]
-    if a.debug:  # type: ignore[attr-defined]
+    cfg = load_config(args.config)
+    if args.debug:
         log = Logger("stderr", "debug", cfg.syslog_facility)
     else:
         log = Logger(cfg.log, cfg.log_level, cfg.syslog_facility)
-    boxes = frozenset(a.box) if a.box else None  # type: ignore[attr-defined]
-    listen = a.listen  # type: ignore[attr-defined]
+    boxes = frozenset(args.box) if args.box else None
+    listen: list[str] = args.listen or []
     fds = _listen_fds()
-    if listen or fds or is_listening_socket(0):
-        from . import serve
+    if not listen and not fds and is_listening_socket(0):
+        fds = [0]  # inetd "wait", systemd-socket-activate without --accept
+    if listen or fds:
+        from . import serve  # type: ignore[attr-defined,unused-ignore]
 
-        return serve.run(a.config, cfg, log, listen=listen or [], fds=fds or ([0] if not listen and not fds else []),  # type: ignore[attr-defined]
-                         boxes=boxes, debug=a.debug)  # type: ignore[attr-defined]
+        return int(serve.run(args.config, cfg, log, listen=listen, fds=fds, boxes=boxes, debug=args.debug))
     return serve_stdio(cfg, log, boxes)
 
 
@@ -224,7 +232,7 @@ def _listen_fds() -> list[int]:
     return list(range(3, 3 + n))
 
 
-def serve_stdio(cfg: object, log: object, boxes: frozenset[str] | None) -> int:
+def serve_stdio(cfg: Config, log: Logger, boxes: frozenset[str] | None) -> int:
     """One session on fd 0 (reads) and fd 1 (writes): inetd nowait, ssh, Accept=yes."""
     from .errors import Exit
     from .session import ServerSession
@@ -235,10 +243,9 @@ def serve_stdio(cfg: object, log: object, boxes: frozenset[str] | None) -> int:
         # A socket on fd 0 is the whole connection (inetd, systemd Accept=yes);
         # fd 1 may be a log file then. Pipes (ssh) read fd 0 and write fd 1.
         stream = FdStream(0, 0 if is_socket(0) else 1)
-        result = ServerSession(cfg, stream, log, peer=peer, allowed_boxes=boxes).run()  # type: ignore[arg-type]
-    except Exception as e:  # noqa: BLE001 - the one top-level handler: logged, never on the wire
-        log.error(event="session", outcome="error", peer=peer,  # type: ignore[attr-defined]
-                  detail=f"{type(e).__name__}: {e}")
+        result = ServerSession(cfg, stream, log, peer=peer, allowed_boxes=boxes).run()
+    except Exception as e:
+        log.error(event="session", outcome="error", peer=peer, detail=f"{type(e).__name__}: {e}")
         return Exit.LOCAL
     return result.status
 

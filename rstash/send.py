@@ -157,7 +157,7 @@ class Connection:
         if self.proc is not None:
             try:
                 self.proc.wait(10)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 self.proc.kill()
                 self.proc.wait()
 
@@ -169,7 +169,7 @@ def _spawn(argv: list[str], *, shell: bool = False, tail: list[str] | None = Non
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE if tail is not None else None,
-                                shell=shell, close_fds=True)  # noqa: S602 - ProxyCommand, like ssh
+                                shell=shell, close_fds=True)
     except OSError as e:
         raise TransportError(f"{argv[0]}: {e.strerror}") from None
     assert proc.stdin is not None and proc.stdout is not None
@@ -200,7 +200,7 @@ def connect(dest: Dest, opts: Any) -> Connection:
 
     try:
         sock = socket.create_connection((dest.host, port), timeout=opts.connect_timeout)
-    except socket.timeout:
+    except TimeoutError:
         raise TransportError(f"{dest.host} port {port}: connect timed out") from None
     except OSError as e:
         raise TransportError(f"{dest.host} port {port}: {e.strerror or e}") from None
@@ -224,7 +224,7 @@ class Source:
         if self.label == "-" or self.proc is not None:
             return
         try:
-            self.fobj = open(self.label, "rb")  # noqa: SIM115
+            self.fobj = open(self.label, "rb")
         except OSError as e:
             raise RstashError(f"{self.label}: {e.strerror}") from None
 
@@ -364,7 +364,7 @@ class Session:
     # -- I/O helpers --
 
     def _deadline(self) -> float:
-        return time.monotonic() + self.opts.timeout
+        return time.monotonic() + float(self.opts.timeout)
 
     def _pump(self, timeout: float) -> None:
         """Read what the server sent within ``timeout`` and handle every event."""
@@ -387,7 +387,7 @@ class Session:
             ev = self.proto.next_event()
             if ev is protocol.NEED_DATA:
                 return
-            self._on_event(ev)  # type: ignore[arg-type]
+            self._on_event(ev)
 
     def _on_event(self, ev: protocol.ClientEvent) -> None:
         if isinstance(ev, protocol.Receipt):
@@ -472,7 +472,7 @@ class Session:
             if time.monotonic() > deadline:
                 raise PeerTimeout("timed out waiting for the server's greeting")
             self._pump(max(0.01, deadline - time.monotonic()))
-            if self.proto.state is protocol.ClientState.CLOSED:
+            if self.proto.state is protocol.ClientState.CLOSED:  # type: ignore[comparison-overlap]
                 raise TransportError(self._closed_message())
         import secrets
 
@@ -683,7 +683,7 @@ def _one_session(opts: Any, dest: Dest, key: auth.Key, sources: list[Source],
     conn = connect(dest, opts)
     sess = Session(opts, key, dest.box, conn,
                    protocol.ClientConnection(key, dest.box, server_id=opts.server_id))
-    session_status = Exit.OK
+    session_status: int = Exit.OK
     try:
         try:
             sess.handshake()
@@ -707,7 +707,7 @@ def _one_session(opts: Any, dest: Dest, key: auth.Key, sources: list[Source],
             raise
     finally:
         conn.close()
-    statuses = [session_status]
+    statuses: list[int] = [session_status]
     for index in range(len(sources)):
         res = sess.results.get(index)
         if res is None:

@@ -102,7 +102,7 @@ class ServerSession:
         while True:
             event = self.conn.next_event()
             if event is not protocol.NEED_DATA:
-                return event  # type: ignore[return-value]
+                return event
             self.conn.receive_data(self.stream.read(self._deadline()))
 
     # -- the session --
@@ -318,7 +318,7 @@ class ServerSession:
     def _refuse(self, st: _FileState, code: int, reason: str, detail: str = "") -> None:
         if not st.header.dry_run:
             self.conn.discard_current()
-        outcome = {Reply.EXISTS: "exists"}.get(code, "temporary" if 400 <= code < 500 else "refused")
+        outcome = "exists" if code == Reply.EXISTS else "temporary" if 400 <= code < 500 else "refused"
         self._log_file(st, outcome, code, reason=reason, detail=detail or None)
         self._reply(st, code, reason)
 
@@ -455,7 +455,7 @@ class ServerSession:
             db.log_event(box=box, name=name, outcome=outcome, code=code, bytes=bytes_,
                          sha256=sha256, peer=self.peer,
                          key=self.key.log_name() if self.key else None)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             self.log.debug(event="state", outcome="error", detail=str(e))
 
     def _log_session(self, outcome: str, code: int | None, **extra: Any) -> None:
