@@ -143,10 +143,10 @@ def load_key_file(path: str | os.PathLike[str], *, client: bool = False) -> Key:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise KeyFileError(f"{name}: key file is not a regular file: refused")
-        if st.st_mode & stat.S_IROTH:
+        if st.st_mode & (stat.S_IROTH | stat.S_IWOTH):
             raise KeyFileError(
                 f"{name}: permissions {stat.S_IMODE(st.st_mode):04o} are too open: "
-                "a key must not be readable by others")
+                "a key must not be readable or writable by others")
         if client and st.st_mode & (stat.S_IRGRP | stat.S_IWGRP | stat.S_IWOTH):
             raise KeyFileError(
                 f"{name}: permissions {stat.S_IMODE(st.st_mode):04o} are too open: "

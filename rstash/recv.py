@@ -150,6 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         for problem in e.problems:
             _err(problem)
+        if _serving(args):
+            # Under inetd stderr is /dev/null: say it where an admin will look too.
+            from .log import Logger
+
+            for problem in e.problems:
+                Logger("auto").error(event="config", outcome="error", detail=problem)
         return Exit.LOCAL
     except RstashError as e:
         _err(e.message)
@@ -159,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         _err(f"internal error: {type(e).__name__}: {e}")
         return Exit.LOCAL
+
+
+def _serving(args: argparse.Namespace) -> bool:
+    return not (args.version or args.gen_key or args.fingerprint or args.test_config or args.check_config
+                or args.dump_config or args.status is not None)
 
 
 def _gen_key(target: str, comment: str) -> int:

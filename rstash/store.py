@@ -151,6 +151,11 @@ class BoxStore:
             self.dir_fd: int = os.open(self.path, _DIR_FLAGS)
         except OSError as exc:
             raise StoreError(f"cannot open box directory {self.path}: {exc.strerror}") from exc
+        # A world-writable box lets any local user plant symlinks, FIFOs or take
+        # names ahead of the backups: refused at serve time, not only by --check-config.
+        if stat.S_IMODE(os.fstat(self.dir_fd).st_mode) & stat.S_IWOTH:
+            os.close(self.dir_fd)
+            raise StoreError(f"box directory {self.path} is world-writable: refused")
 
     # -- context management -------------------------------------------------
 

@@ -486,7 +486,7 @@ def tiny_fs(tmp_path: Path) -> Iterator[Path]:
         pytest.skip("mounting a tmpfs needs root")
     mnt = tmp_path / "tiny"
     mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs", str(mnt)], check=True)
     try:
         yield mnt
     finally:
@@ -573,3 +573,11 @@ def test_stale_temps_reports_size_and_age(box: Path) -> None:
     assert found == name
     assert size == len(b"partial")
     assert 119 <= age <= 180
+
+
+def test_world_writable_box_is_refused(tmp_path: Path) -> None:
+    box = tmp_path / "box"
+    box.mkdir()
+    box.chmod(0o777)
+    with pytest.raises(StoreError, match="world-writable"):
+        BoxStore(box)
