@@ -860,11 +860,15 @@ class ClientConnection:
             if len(parts) != 3 or parts[0] != "bye" or not parts[1].isdigit() or not parts[2].startswith("mac="):
                 raise RemoteProtocolError(f"malformed 221 line: {_quote(text.encode())}")
             stored = int(parts[1])
+            if stored != self.stored:
+                raise RemoteProtocolError(f"221 says {stored} stored, {self.stored} receipts were verified")
             if not auth.verify_line_mac(auth.done_mac(keys.k_s2c, self._next_index, stored), parts[2][4:]):
                 raise RemoteProtocolError("the server's 221 failed its MAC")
             self.state = ClientState.DONE
             return Done(stored)
-        if m is None or not self._pending:
+        if code == Reply.BYE or (m is not None and not self._pending):
+            raise RemoteProtocolError(f"reply matches no FILE sent: {_quote(text.encode())}")
+        if m is None:
             # 554, 500, 421 timeout, 451 local error: the session ends here.
             return SessionRefused(code, text)
         pending = self._pending.popleft()
@@ -872,6 +876,9 @@ class ClientConnection:
             sm = _STORED_RE.match(m.group("text") + " " + m.group("name"))
             if sm is None or pending.n is None or pending.digest is None:
                 raise RemoteProtocolError(f"malformed receipt: {_quote(text.encode())}")
+            # The MAC covers our own n and D; the text must say the same.
+            if sm.group("n") != str(pending.n) or sm.group("hex") != pending.digest.hex():
+                raise RemoteProtocolError(f"receipt for file {pending.index} states another size or digest")
             try:
                 final = pct_decode(sm.group("name"))
             except ValueError:
