@@ -17,10 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import e2e_support
 import pytest
-from e2e_support import ProcGroup, ServiceUser, is_ci, need
 from hypothesis import HealthCheck, settings
+
+import e2e_support
+from e2e_support import ProcGroup, ServiceUser, is_ci, need
 
 settings.register_profile(
     "ci",

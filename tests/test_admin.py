@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_support import need
 
+from e2e_support import need
 from rstash import recv
 from rstash.auth import fingerprint, format_key, generate_key
 from rstash.state import StateDB

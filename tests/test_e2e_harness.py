@@ -10,6 +10,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
+
+import rstash
 from e2e_support import (
     ProcGroup,
     ServiceUser,
@@ -24,8 +26,6 @@ from e2e_support import (
     wait_for_port,
     write_config,
 )
-
-import rstash
 
 pytestmark = pytest.mark.e2e
 
