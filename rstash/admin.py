@@ -32,6 +32,7 @@ from typing import Any, Literal, TextIO
 
 from rstash.config import BoxConfig, Config, load_config, parse_duration
 from rstash.errors import ConfigError, Exit, KeyFileError, RstashError
+from rstash.units import human_size
 
 __all__ = ["check_config", "dump_config", "status", "test_config"]
 
@@ -184,15 +185,6 @@ def _size(n: int | None) -> str:
     return f"{n}B"
 
 
-def _human_size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024:
-            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"
-
-
 def _word(text: str) -> str:
     """A value printable on one line: as is when plain, else JSON-quoted (ASCII)."""
     if text and text.isprintable() and not any(c.isspace() or c in "\"'\\" for c in text):
@@ -297,7 +289,7 @@ def _check_temps(box: BoxConfig, cfg: Config, report: Report) -> None:
     for temp, size, age in sorted(temps):
         if age > cfg.idle_timeout:
             report.add(box.name, "warning",
-                       f"stale temp file {box.path / temp} ({_human_size(size)}, "
+                       f"stale temp file {box.path / temp} ({human_size(size)}, "
                        f"{_age(age)} old): a later session's sweep removes it")
 
 
@@ -678,7 +670,7 @@ def _print_status(result: dict[str, Any], out: TextIO) -> None:
             out.write("  last stored   never\n")
         else:
             out.write(f"  last stored   {_word(s['name'] or '')} {s['time']} "
-                      f"({_age(now - s['timestamp'])} ago) {_human_size(int(s['bytes']))}"
+                      f"({_age(now - s['timestamp'])} ago) {human_size(int(s['bytes']))}"
                       f"{_from(s)}\n")
         r = b["last_refused"]
         if r is None:

@@ -33,9 +33,11 @@ from pydantic import BaseModel, ConfigDict, PlainValidator, ValidationError
 
 from rstash.errors import ConfigError
 from rstash.names import BOX_NAME_RE, is_box_name
+from rstash.units import MAX_SIZE, parse_duration, parse_size
 
 __all__ = [
     "DEFAULT_CONFIG",
+    "MAX_SIZE",
     "BoxConfig",
     "Config",
     "dump_config",
@@ -50,87 +52,8 @@ DEFAULT_CONFIG = "/etc/rstash/rstash-recv.toml"
 Overwrite = Literal["refuse", "replace", "rename"]
 Network = IPv4Network | IPv6Network
 
-# ---------------------------------------------------------------------------
-# Sizes and durations: the one parser of each for the whole project.
-
-_SIZE_UNITS: dict[str, int] = {
-    "": 1,
-    "B": 1,
-    "KiB": 1 << 10,
-    "MiB": 1 << 20,
-    "GiB": 1 << 30,
-    "TiB": 1 << 40,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-}
-_SIZE_RE = re.compile(r"\s*([0-9]+)(?:\.([0-9]+))?\s*([A-Za-z]*)\s*\Z")
-#: Sizes travel as u64 on the wire but land in off_t on disk: stay below 2**63.
-MAX_SIZE = (1 << 63) - 1
-
-_DURATION_UNITS: dict[str, int] = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-_DURATION_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-z]*)\s*\Z")
-
-
-def parse_size(value: str | int) -> int:
-    """Bytes in ``value``: an integer, or a number with a unit.
-
-    Units: B, KiB/MiB/GiB/TiB (powers of 1024), KB/MB/GB/TB (powers of 1000),
-    spelled exactly so; a bare integer is bytes. A fraction is allowed with a
-    unit (``1.5GiB``) and rounds down to whole bytes. Raises ValueError with a
-    message fit for a user.
-    """
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ValueError(
-            f"a size must be an integer or a string like \"50GiB\", not {_kind(value)}"
-        )
-    if isinstance(value, int):
-        number = value
-    else:
-        m = _SIZE_RE.match(value)
-        if m is None or m.group(3) not in _SIZE_UNITS:
-            raise ValueError(
-                f"{value!r} is not a size: write bytes or a number with "
-                "B, KiB, MiB, GiB, TiB, KB, MB, GB or TB (e.g. \"50GiB\")"
-            )
-        whole, frac, unit = m.groups()
-        if frac and not unit:
-            raise ValueError(f"{value!r} is not a size: a bare number of bytes must be whole")
-        scale = 10 ** len(frac or "")
-        number = int(whole + (frac or "")) * _SIZE_UNITS[unit] // scale
-    if number < 0:
-        raise ValueError(f"a size cannot be negative ({value!r})")
-    if number > MAX_SIZE:
-        raise ValueError(f"{value!r} is too large (at most {MAX_SIZE} bytes)")
-    return number
-
-
-def parse_duration(value: str | int | float) -> float:
-    """Seconds in ``value``: a number of seconds, or a number with s, m, h or d.
-
-    Raises ValueError with a message fit for a user.
-    """
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ValueError(
-            f"a duration must be a number of seconds or a string like \"90s\", \"5m\", "
-            f"not {_kind(value)}"
-        )
-    if isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        m = _DURATION_RE.match(value)
-        if m is None or m.group(2) not in _DURATION_UNITS:
-            raise ValueError(
-                f"{value!r} is not a duration: write seconds or a number with s, m, h or d "
-                "(e.g. \"90s\", \"5m\")"
-            )
-        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-    if seconds != seconds or seconds in (float("inf"), float("-inf")):
-        raise ValueError(f"{value!r} is not a duration")
-    if seconds < 0:
-        raise ValueError(f"a duration cannot be negative ({value!r})")
-    return seconds
+# Sizes and durations: the one parser of each lives in rstash.units (no pydantic there,
+# so rstash-send can use it cheaply); re-exported here.
 
 
 # ---------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from .errors import (
 )
 from .names import is_box_name, name_problem
 from .transport import FdStream
+from .units import human_size
 
 CHUNK = 256 * 1024
 
@@ -328,15 +329,6 @@ def status_of(code: int, dry_run: bool) -> str:
     if code == Reply.ABORTED:
         return "error"
     return "refused"
-
-
-def human_size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
 
 
 # --- the session ------------------------------------------------------------------
@@ -654,7 +646,7 @@ def run(opts: Any) -> int:
     sources: list[Source] = [] if opts.test else make_sources(opts)
     bwlimit = None
     if opts.bwlimit:
-        from .config import parse_size
+        from .units import parse_size
 
         try:
             bwlimit = parse_size(opts.bwlimit)
