@@ -91,6 +91,9 @@ def _parser() -> Any:
 
 _URL = re.compile(r"(?P<scheme>rstash|ssh)://(?:(?P<user>[^@/]+)@)?"
                   r"(?P<host>\[[^\]]+\]|[^:/\[\]]+)(?::(?P<port>[0-9]{1,5}))?/(?P<box>[^/]+)\Z")
+_SAFE_HOST = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+_IPV6 = re.compile(r"[0-9A-Fa-f:.]+(?:%[A-Za-z0-9._-]+)?")
+_SAFE_USER = re.compile(r"[A-Za-z0-9._][A-Za-z0-9._-]*")
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,12 @@ def parse_dest(text: str) -> Dest:
     # An argument that begins with '-' would be an option to ssh: never pass one.
     if host.startswith("-") or (user or "").startswith("-"):
         raise UsageError(f"{text}: host or user begins with '-': refused")
+    # The host reaches a shell through --proxy-command's %h (and ssh's ProxyCommand %h,
+    # %r: CVE-2023-51385): only a DNS name, an IPv4 or a bracketed IPv6 literal passes.
+    if not (_SAFE_HOST.fullmatch(host) or (m.group("host").startswith("[") and _IPV6.fullmatch(host))) \
+            or (user is not None and not _SAFE_USER.fullmatch(user)):
+        raise UsageError(f"{text}: host or user has characters outside [A-Za-z0-9._-]: refused"
+                         " (an unusual ssh user name can be set in ssh_config)")
     if not is_box_name(box):
         raise UsageError(f"{text}: {box!r} is not a box name")
     if port is not None and not 0 < int(port) < 65536:
@@ -148,6 +157,22 @@ class Connection:
         self.closers = closers
         self.proc = proc
         self.stderr_tail = stderr_tail if stderr_tail is not None else []
+        self.stderr_pump: Any = None
+
+    def last_stderr_line(self, timeout: float = 5.0) -> str | None:
+        """ssh's last stderr line, read after ssh exited and its stderr reached EOF.
+
+        Without the wait, the stdout EOF often wins the race against the thread that
+        copies stderr, and the reason ssh printed would be lost.
+        """
+        if self.proc is not None and self.stderr_pump is not None:
+            deadline = time.monotonic() + timeout
+            try:
+                self.proc.wait(timeout)
+            except Exception:  # still running: it did not fail (yet), so no reason to quote
+                return None
+            self.stderr_pump.join(max(0.0, deadline - time.monotonic()))
+        return self.stderr_tail[-1] if self.stderr_tail else None
 
     def close(self) -> None:
         for c in self.closers:
@@ -174,6 +199,7 @@ def _spawn(argv: list[str], *, shell: bool = False, tail: list[str] | None = Non
     except OSError as e:
         raise TransportError(f"{argv[0]}: {e.strerror}") from None
     assert proc.stdin is not None and proc.stdout is not None
+    pump_thread = None
     if tail is not None:
         assert proc.stderr is not None
         err = proc.stderr
@@ -182,11 +208,16 @@ def _spawn(argv: list[str], *, shell: bool = False, tail: list[str] | None = Non
             for raw in iter(err.readline, b""):
                 sys.stderr.buffer.write(raw)
                 sys.stderr.flush()
-                tail[:] = [raw.decode("utf-8", "replace").rstrip()]
+                line = raw.decode("utf-8", "replace").rstrip()
+                if line:
+                    tail[:] = [line]
 
-        threading.Thread(target=pump, daemon=True).start()
+        pump_thread = threading.Thread(target=pump, daemon=True)
+        pump_thread.start()
     stream = FdStream(proc.stdout.fileno(), proc.stdin.fileno())
-    return Connection(stream, [proc.stdin.close, proc.stdout.close], proc, tail)
+    conn = Connection(stream, [proc.stdin.close, proc.stdout.close], proc, tail)
+    conn.stderr_pump = pump_thread
+    return conn
 
 
 def connect(dest: Dest, opts: Any) -> Connection:
@@ -242,6 +273,12 @@ class Source:
             self.fobj.close()
             self.fobj = None
 
+    def discard(self) -> None:
+        """The server refused this source: a producer gets EPIPE at its next write
+        instead of blocking on a full pipe; its exit status no longer matters."""
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
+
     def failed(self) -> str | None:
         """Why the source's content must not be stored (a producer that failed)."""
         if self.proc is None:
@@ -262,6 +299,9 @@ def make_sources(opts: Any) -> list[Source]:
             raise UsageError("--from-command needs --name")
         if not opts.files:
             raise UsageError("--from-command needs a command after --")
+        problem = name_problem(opts.name)
+        if problem is not None:  # checked before the command runs, not only by the server
+            raise UsageError(f"{opts.name!r}: name not allowed: {problem}")
         try:
             proc = subprocess.Popen(opts.files, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
         except OSError as e:
@@ -269,7 +309,7 @@ def make_sources(opts: Any) -> list[Source]:
         return [Source(" ".join(opts.files), opts.name, None, now, proc=proc)]
     if not opts.files:
         raise UsageError("no FILE given")
-    if opts.name and len(opts.files) != 1:
+    if opts.name is not None and len(opts.files) != 1:
         raise UsageError("--name takes exactly one FILE")
     sources = []
     for path in opts.files:
@@ -286,7 +326,8 @@ def make_sources(opts: Any) -> list[Source]:
 
         if not stat_.S_ISREG(st.st_mode):
             raise RstashError(f"{path}: not a regular file")
-        sources.append(Source(path, opts.name or os.path.basename(path), st.st_size, int(st.st_mtime)))
+        name = opts.name if opts.name is not None else os.path.basename(path)  # --name '' is refused
+        sources.append(Source(path, name, st.st_size, int(st.st_mtime)))
     for src in sources:
         problem = name_problem(src.name)
         if problem is not None:
@@ -403,22 +444,26 @@ class Session:
                 raise TransportError(self._closed_message())
 
     def _closed_message(self) -> str:
-        tail = self.conn.stderr_tail if self.conn else []
-        if tail and not self.got_bytes:
-            return f"connection closed: {tail[-1]}"
+        last = self.conn.last_stderr_line() if self.conn and not self.got_bytes else None
+        if last:
+            return f"ssh failed: {last}"
         return "connection closed by the server before the session completed"
 
     def _session_refused(self, code: int, text: str) -> None:
         if code == Reply.AUTH_FAILED:
-            raise AuthenticationFailed(f"authentication failed ({text})")
+            raise AuthenticationFailed(f"authentication failed ({text})", reply=code)
         if code in (Reply.INTEGRITY, Reply.PROTOCOL_ERROR):
-            raise RemoteProtocolError(f"server: {text}")
+            raise RemoteProtocolError(f"server: {text}", reply=code)
         if code == Reply.BUSY:
-            raise _Busy(text)
+            if self.proto is not None and self.proto.state is protocol.ClientState.AWAIT_GREETING:
+                raise _Busy(text, reply=code)  # nothing sent yet: the whole session may be retried
+            # "421 timeout" mid-session: stdin or a command may be half read, so a retry
+            # would store the rest as if it were the whole stream. The session failed.
+            raise TransportError(f"server: {text}", reply=code)
         status = Exit.TEMPFAIL if 400 <= code < 500 else Exit.REFUSED
         if code in (Reply.VERSION_NOT_SUPPORTED, Reply.METHOD_NOT_SUPPORTED):
             status = Exit.PROTOCOL
-        raise RstashError(f"server: {text}", exit_status=status)
+        raise RstashError(f"server: {text}", exit_status=status, reply=code)
 
     def write(self, data: bytes | memoryview) -> None:
         """Write everything, reading replies whenever the server has some (no deadlock)."""
@@ -489,12 +534,17 @@ class Session:
                 self._pump(0)
                 if self.refused_current:
                     self.write(self.proto.abort())
+                    src.discard()
                     return
                 want = CHUNK if src.size is None else min(CHUNK, src.size - sent)
                 if want == 0:
                     break
                 chunk = self._read_source(fd, want)
                 if not chunk:
+                    if self.refused_current:
+                        # Refused while we waited for the source: not its end of file
+                        # (that would be "shrank" or a failed producer); ABORT above.
+                        continue
                     break
                 hdr = self.proto.data_header(len(chunk))
                 self.proto.data_sent(chunk)
@@ -623,7 +673,10 @@ def main(argv: list[str] | None = None) -> int:
         return Exit.LOCAL
     except RstashError as e:
         if opts.json and not opts.stdout:
-            print(json.dumps({"status": "error", "code": e.reply, "message": e.message}), flush=True)
+            # "code" is a reply the server sent (set on the instance), never a class default:
+            # our own timeout is not a "421", a receipt failing its MAC is not a "500".
+            code = vars(e).get("reply")
+            print(json.dumps({"status": "error", "code": code, "message": e.message}), flush=True)
         _err(e.message)
         return int(e.exit_status)
     except KeyboardInterrupt:
@@ -662,7 +715,8 @@ def run(opts: Any) -> int:
 
             left = deadline - time.monotonic()
             if left <= 0:
-                raise RstashError("server busy: try later", exit_status=Exit.TEMPFAIL) from None
+                raise RstashError("server busy: try later", exit_status=Exit.TEMPFAIL,
+                                  reply=Reply.BUSY) from None
             pause = min(left, random.uniform(0.5, 1.0) * delay)
             if opts.verbose:
                 _err(f"server busy; retrying in {pause:.1f} s")
@@ -694,8 +748,11 @@ def _one_session(opts: Any, dest: Dest, key: auth.Key, sources: list[Source],
                     session_status = worst_exit(session_status, Exit.LOCAL)
             sess.finish()
         except (RemoteProtocolError, TransportError) as e:
-            if isinstance(e, TransportError) and conn.stderr_tail and not sess.got_bytes:
-                raise TransportError(f"ssh failed: {conn.stderr_tail[-1]}") from None
+            if isinstance(e, TransportError) and not isinstance(e, PeerTimeout) \
+                    and not sess.got_bytes and not e.message.startswith("ssh failed: "):
+                last = conn.last_stderr_line()
+                if last:
+                    raise TransportError(f"ssh failed: {last}") from None
             raise
     finally:
         conn.close()
@@ -725,10 +782,10 @@ def run_pipe(opts: Any) -> int:
 
     proto = protocol.ClientConnection(key, box, pipe=True, server_id=opts.server_id)
     out = FdStream(os.open("/dev/null", os.O_RDONLY), 1)
-    forever = time.monotonic() + 10**9
 
     def w(data: bytes) -> None:
-        out.write(data, forever)
+        # nc may stall on a slow link: --timeout bounds each wait (poll() takes no 10**9 s).
+        out.write(data, time.monotonic() + float(opts.timeout))
 
     w(proto.hello(secrets.token_bytes(32), int(time.time())))
     status = Exit.OK

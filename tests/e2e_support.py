@@ -445,7 +445,7 @@ class Proc:
         n = 1
         while base.with_suffix(".out").exists():
             n += 1
-            base = log_dir / f"{self.name}.{n}"
+            base = log_dir / f"{self.name}-{n}"
         self.stdout_path = base.with_suffix(".out")
         self.stderr_path = base.with_suffix(".err")
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
