@@ -443,11 +443,11 @@ class Proc:
         self.name = name or Path(self.argv[0]).name
         base = log_dir / self.name
         n = 1
-        while base.with_suffix(".out").exists():
+        while Path(f"{base}.out").exists():
             n += 1
             base = log_dir / f"{self.name}-{n}"
-        self.stdout_path = base.with_suffix(".out")
-        self.stderr_path = base.with_suffix(".err")
+        self.stdout_path = Path(f"{base}.out")
+        self.stderr_path = Path(f"{base}.err")
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             self.popen = subprocess.Popen(
                 self.argv, stdin=stdin, stdout=out, stderr=err,
