@@ -16,6 +16,7 @@ import re
 import stat
 import struct
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from .errors import KeyFileError
 
@@ -77,11 +78,11 @@ class Key:
     comment: str = ""
     path: str = ""
 
-    @property
+    @cached_property
     def prk(self) -> bytes:
         return _hmac(b"rstash/1", self.secret)
 
-    @property
+    @cached_property
     def key_id(self) -> bytes:
         return expand(self.prk, b"key-id\0", KEY_ID_LEN)
 

@@ -23,6 +23,8 @@ from typing import Any
 from .log import Logger
 
 OUTPUT_LIMIT = 4096
+#: Hooks waiting to run in one session; beyond it a delivery's hook is skipped (logged).
+MAX_QUEUED = 100
 KILL_GRACE = 5.0
 
 
@@ -84,10 +86,18 @@ def run_hook(template: tuple[str, ...] | list[str], d: Delivery, timeout: float,
     except subprocess.TimeoutExpired:
         killed = True
         _signal_group(proc.pid, signal.SIGTERM)
+        grace_ends = time.monotonic() + KILL_GRACE
         try:
             rc = proc.wait(KILL_GRACE)
         except subprocess.TimeoutExpired:
-            _signal_group(proc.pid, signal.SIGKILL)
+            rc = None
+        # The SIGKILL is for the whole group, not only the hook: a child that ignores
+        # SIGTERM must not outlive its hook. The group id cannot be reused while any
+        # member is alive, so signalling it after the leader was reaped is safe.
+        while _group_alive(proc.pid) and time.monotonic() < grace_ends:
+            time.sleep(0.1)
+        _signal_group(proc.pid, signal.SIGKILL)
+        if rc is None:
             rc = proc.wait()
     t.join(1.0)
     fields: dict[str, Any] = {"event": "hook", "box": d.box, "name": d.name, "code": rc,
@@ -109,6 +119,16 @@ def _signal_group(pid: int, sig: int) -> None:
         pass
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class HookRunner:
     """One worker per session: hooks run one at a time, in arrival order."""
 
@@ -119,6 +139,12 @@ class HookRunner:
         self._thread: threading.Thread | None = None
 
     def submit(self, template: tuple[str, ...], d: Delivery) -> None:
+        # A key holder storing many small files must not queue unbounded work that
+        # keeps this process (and its accept-loop slot) alive long after the session.
+        if self._queue.qsize() >= MAX_QUEUED:
+            self.log.warning(event="hook", box=d.box, name=d.name, outcome="skipped",
+                             detail=f"more than {MAX_QUEUED} hooks queued")
+            return
         if self._thread is None:
             self._thread = threading.Thread(target=self._work, daemon=True)
             self._thread.start()

@@ -26,10 +26,16 @@ def _fd2_hygiene() -> None:
     """
     import stat
 
-    try:
-        st2 = os.fstat(2)
-    except OSError:
-        return
+    # A closed fd 0-2 would be handed to the next open(): pin /dev/null there first.
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    st2 = os.fstat(2)
     same = False
     for fd in (0, 1):
         try:

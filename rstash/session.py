@@ -145,6 +145,7 @@ class ServerSession:
             pass
 
     def _run(self) -> None:
+        self._load_keys()
         challenge = secrets.token_bytes(32)
         greeting = protocol.greeting_line(challenge)
         self.send(protocol.line(greeting))
@@ -161,26 +162,29 @@ class ServerSession:
     def _judge_hello(self, hello: protocol.Hello, greeting: bytes) -> bool:
         pipe = hello.mode == protocol.MODE_PIPE
         self.mode = "pipe" if pipe else "interactive"
-        box, key, why = self._find_key(hello)
-        # The proof is always computed, with the dummy key when there is no real one.
-        keys = auth.session_keys(key or _DUMMY_KEY, b"" if pipe else greeting, hello.signed)
-        ok = auth.verify(keys.proof, hello.proof)
-        if ok and key is not None and box is not None:
-            sid = hello.server_id
-            if self.cfg.server_id and sid != self.cfg.server_id:
-                ok, why = False, "server_id mismatch"
-            elif not self.cfg.server_id and sid is not None:
-                ok, why = False, "client sent a server_id; none is configured"
-        elif why is None:
-            why = "bad proof"
-        if not ok or key is None or box is None:
+        box, candidates, why = self._find_key(hello)
+        # The proof is always computed, with the dummy key when no key id matched,
+        # and with every key whose id matches (ids are 8 bytes: they may collide).
+        key: auth.Key | None = None
+        keys: auth.SessionKeys | None = None
+        for cand in candidates or [_DUMMY_KEY]:
+            derived = auth.session_keys(cand, b"" if pipe else greeting, hello.signed)
+            if auth.verify(derived.proof, hello.proof) and cand is not _DUMMY_KEY:
+                key, keys = cand, derived
+                break
+        if why is None:
+            if key is None:
+                why = "bad proof" if candidates else "unknown key id"
+            elif self.cfg.server_id and hello.server_id != self.cfg.server_id:
+                why = "server_id mismatch"
+            elif not self.cfg.server_id and hello.server_id is not None:
+                why = "client sent a server_id; none is configured"
+        if why is not None or key is None or keys is None or box is None:
             self.log.warning(event="auth", outcome="auth_failed", code=Reply.AUTH_FAILED,
                              peer=self.peer or "unknown", box=hello.box, mode=self.mode,
                              reason=why)
-            # Only configured boxes reach the delivery log: made-up names must not
-            # be able to fill --status.
-            self._record(box=box.name if box is not None else "", name=None,
-                         outcome="auth_failed", code=Reply.AUTH_FAILED)
+            # Authentication failures go to the log (fail2ban reads it), never to the
+            # delivery database: a peer without a key must not be able to grow it.
             self.send(protocol.session_line(Reply.AUTH_FAILED))
             self.result.outcome = "auth_failed"
             return False
@@ -197,27 +201,41 @@ class ServerSession:
                       mode=self.mode, outcome="authenticated", code=Reply.AUTH_OK)
         return True
 
-    def _find_key(self, hello: protocol.Hello) -> tuple[BoxConfig | None, auth.Key | None, str | None]:
+    def _load_keys(self) -> None:
+        """Read every configured key before the greeting.
+
+        Judging a HELLO is then the same in-memory work whatever box it names, so
+        timing cannot tell an unknown box from a wrong key (rstash(7) RULES, rule 1).
+        """
+        self._box_keys: dict[str, list[auth.Key]] = {}
+        for name, box in self.cfg.boxes.items():
+            loaded = []
+            for path in box.keys:
+                try:
+                    loaded.append(auth.load_key_file(path))
+                except KeyFileError as e:
+                    self.log.error(event="key", box=name, outcome="error", detail=e.message)
+            self._box_keys[name] = loaded
+
+    def _find_key(self, hello: protocol.Hello) -> tuple[BoxConfig | None, list[auth.Key], str | None]:
+        """The box, the keys whose id matches, and why the HELLO fails already (or None)."""
         try:
-            name = hello.box.decode("utf-8")
+            name: str | None = hello.box.decode("utf-8")
         except UnicodeDecodeError:
-            return None, None, "box name not UTF-8"
-        box = self.cfg.boxes.get(name)
-        if box is None:
-            return None, None, "unknown box"
-        if self.allowed_boxes is not None and name not in self.allowed_boxes:
-            return None, None, "box excluded by --box"
-        if not peer_allowed(self.peer, box.allow_from):
-            return None, None, "peer not in allow_from"
-        for path in box.keys:
-            try:
-                key = auth.load_key_file(path)
-            except KeyFileError as e:
-                self.log.error(event="key", box=name, outcome="error", detail=e.message)
-                continue
-            if auth.verify(key.key_id, hello.key_id):
-                return box, key, None
-        return box, None, "unknown key id"
+            name = None
+        box = self.cfg.boxes.get(name) if name is not None else None
+        why: str | None = None
+        if name is None:
+            why = "box name not UTF-8"
+        elif box is None:
+            why = "unknown box"
+        elif self.allowed_boxes is not None and name not in self.allowed_boxes:
+            why = "box excluded by --box"
+        elif not peer_allowed(self.peer, box.allow_from):
+            why = "peer not in allow_from"
+        keys = self._box_keys.get(name or "", []) if box is not None else []
+        candidates = [k for k in keys or [_DUMMY_KEY] if auth.verify(k.key_id, hello.key_id)]
+        return box, [k for k in candidates if k is not _DUMMY_KEY], why
 
     def _judge_pipe(self, hello: protocol.Hello) -> bytes | None:
         box = self.box
