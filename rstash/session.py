@@ -260,9 +260,12 @@ class ServerSession:
                              outcome="refused", code=Reply.CLOCK_SKEW, reason=f"clock skew {skew:+d} s")
             self.result.outcome = "refused"
             return protocol.skew_line(skew)
-        except state.ReplayRefused:
+        except state.ReplayRefused as e:
+            # detail tells "nonce already seen" from "not above the box's floor" (a stream
+            # made before the replay cache existed): the reply line must not, the admin must.
             self.log.warning(event="session", box=box.name, peer=self.peer, mode="pipe",
-                             outcome="refused", code=Reply.REPLAYED, reason="replayed session")
+                             outcome="refused", code=Reply.REPLAYED, reason="replayed session",
+                             detail=e.message)
             self.result.outcome = "refused"
             return protocol.session_line(Reply.REPLAYED)
         except RstashError as e:
