@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,7 +71,7 @@ def peer_allowed(peer: str | None, networks: tuple[Any, ...]) -> bool:
 class ServerSession:
     def __init__(self, cfg: Config, stream: FdStream, log: Logger, *, peer: str | None = None,
                  allowed_boxes: frozenset[str] | None = None,
-                 now: float | None = None) -> None:
+                 on_authenticated: Callable[[], None] | None = None) -> None:
         self.cfg = cfg
         self.stream = stream
         self.log = log
@@ -86,6 +87,8 @@ class ServerSession:
         self.store: Any = None
         self.hooks: Any = None
         self.mode = "interactive"
+        #: called once the 235 line is out (the accept loop counts pre-auth sessions)
+        self.on_authenticated = on_authenticated
 
     # -- I/O --
 
@@ -197,6 +200,8 @@ class ServerSession:
                 self.send(refusal)
                 return False
         self.send(protocol.auth_ok_line(keys))
+        if self.on_authenticated is not None:
+            self.on_authenticated()
         self.log.info(event="session", box=box.name, peer=self.peer, key=key.log_name(),
                       mode=self.mode, outcome="authenticated", code=Reply.AUTH_OK)
         return True

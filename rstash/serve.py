@@ -1,0 +1,644 @@
+"""The accept loop: listening sockets, a process per connection, limits, signals, sd_notify.
+
+Used by ``rstash-recv --listen [HOST:]PORT``, by inetd ``wait`` (a listening
+socket on fd 0) and by systemd ``Accept=no`` (``LISTEN_FDS``). The parent
+process only accepts, counts, refuses and reaps; every session runs in a forked
+child, which makes its own challenge and SQLite connection (rstash(7) and the
+brief, section 5). The parent never interprets a byte from a client: the only
+thing it ever writes to a connection is ``421 busy``.
+
+Theory of operation
+-------------------
+* **Limits** (brief section 5): at most ``max_sessions`` children; at most
+  ``max(1, max_sessions // 4)`` of them before authentication; at most
+  ``max_preauth_per_peer`` unauthenticated ones per source address. A
+  connection beyond any limit is accepted, told ``421 busy`` and closed; no
+  child is forked for it.
+* **Knowing when a child authenticated**: each child gets the write end of a
+  pipe and writes one byte right after its ``235`` reply; the parent polls the
+  read ends. Until that byte arrives (or the child exits), the child counts as
+  pre-auth. A timer ("pre-auth until preauth_timeout has passed") would be a
+  correct upper bound without the pipe, but it would throttle honest clients
+  to ``max_preauth_per_peer`` connections per ``preauth_timeout`` from one
+  host: 20 parallel senders would mostly be told ``421``.
+* **Signals** only set flags; ``signal.set_wakeup_fd`` wakes ``poll()`` at
+  once, and ``poll()`` also times out every second as a safety net. Children
+  are reaped with ``waitpid(WNOHANG)`` after every wake-up.
+* **SIGTERM / SIGINT**: close the listeners (the kernel refuses new
+  connections from then on), let sessions finish for at most
+  ``idle_timeout + preauth_timeout`` seconds, then SIGTERM what is left
+  (SIGKILL 5 s later); exit 0. A second SIGTERM/SIGINT ends the sessions at once.
+* **SIGHUP**: re-read and validate the configuration; on error every problem
+  is logged and the old configuration stays. Running sessions keep the
+  configuration they started with; new children get the new one.
+* **accept() failing** for lack of resources (EMFILE, ENFILE, ENOBUFS, ENOMEM,
+  ECONNABORTED): wait 100 ms before accepting again; logged at most once a
+  minute, so that a flood cannot flood the log.
+* **--listen addresses**: ``PORT`` alone binds every address, ``0.0.0.0`` and
+  ``[::]`` (each family its own socket); ``HOST:PORT`` and ``[V6]:PORT`` bind
+  what HOST resolves to. Every IPv6 socket is ``IPV6_V6ONLY``, whatever the
+  sysctl says, so ``--listen 0.0.0.0:P --listen [::]:P`` works and ``[::]:P``
+  means IPv6 only.
+
+This module must never write anything but ``421 busy`` to a connection from the
+parent, and never run a session in the parent process.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import signal
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+from . import protocol
+from .config import Config, load_config
+from .errors import ConfigError, Exit, Reply, RstashError
+from .log import Logger
+from .session import ServerSession
+from .transport import FdStream, is_listening_socket, is_socket, normalise_address
+
+__all__ = ["Server", "parse_listen", "run", "sd_notify"]
+
+#: poll() never sleeps longer than this, so a lost wake-up costs at most this long.
+POLL_INTERVAL = 1.0
+#: Pause after an accept() failure for lack of resources (brief section 5).
+ACCEPT_BACKOFF = 0.1
+#: accept() errors are logged at most this often.
+ACCEPT_LOG_INTERVAL = 60.0
+#: After the shutdown grace period, SIGTERM; this long after that, SIGKILL.
+KILL_AFTER = 5.0
+#: Connections accepted per listener per wake-up, so that one busy listener cannot starve the rest.
+ACCEPT_BATCH = 32
+#: The one byte a child writes to its pipe after ``235``.
+_AUTHENTICATED = b"A"
+
+
+class ListenError(RstashError):
+    """A ``--listen`` address is malformed or cannot be bound, or an inherited fd is unusable."""
+
+    exit_status = Exit.LOCAL
+
+
+# --------------------------------------------------------------------------- sd_notify
+
+
+def sd_notify(message: str) -> bool:
+    """Send ``message`` to systemd's ``NOTIFY_SOCKET`` (sd_notify(3)); False when not possible.
+
+    A path or an abstract name (leading ``@``); anything else is ignored. Never raises.
+    """
+    addr = os.environ.get("NOTIFY_SOCKET", "")
+    if not addr or addr[0] not in "/@":
+        return False
+    target = "\0" + addr[1:] if addr[0] == "@" else addr
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(target)
+            s.sendall(message.encode("utf-8"))
+    except OSError:
+        return False
+    return True
+
+
+def _monotonic_usec() -> int:
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+
+
+# --------------------------------------------------------------------------- listening sockets
+
+
+def parse_listen(spec: str) -> tuple[str | None, str]:
+    """``[HOST:]PORT`` -> (host or None for every address, port); raises ListenError.
+
+    IPv6 addresses must be bracketed: ``[::1]:7370``.
+    """
+    text = spec.strip()
+    host: str | None
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or text[end + 1:end + 2] != ":":
+            raise ListenError(f"--listen {spec}: write an IPv6 address as [ADDRESS]:PORT")
+        host, port = text[1:end], text[end + 2:]
+        if not host:
+            raise ListenError(f"--listen {spec}: empty address")
+    elif ":" in text:
+        host, _, port = text.rpartition(":")
+        if ":" in host:
+            raise ListenError(f"--listen {spec}: write an IPv6 address as [ADDRESS]:PORT")
+        if not host:
+            raise ListenError(f"--listen {spec}: empty address")
+    else:
+        host, port = None, text
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ListenError(f"--listen {spec}: {port!r} is not a port number (0-65535)")
+    return host, port
+
+
+def _format_address(sockaddr: Any, family: int) -> str:
+    if family == socket.AF_INET6:
+        return f"[{sockaddr[0]}]:{sockaddr[1]}"
+    if family == socket.AF_INET:
+        return f"{sockaddr[0]}:{sockaddr[1]}"
+    return str(sockaddr) or "unix"
+
+
+def bind_listen(spec: str) -> list[socket.socket]:
+    """Listening sockets for one ``--listen`` value (non-blocking, close-on-exec)."""
+    host, port = parse_listen(spec)
+    try:
+        infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM,
+                                   socket.IPPROTO_TCP, socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ListenError(f"--listen {spec}: {e.strerror}") from None
+    socks: list[socket.socket] = []
+    seen: set[tuple[int, Any]] = set()
+    try:
+        for family, stype, proto, _canon, sockaddr in infos:
+            if family not in (socket.AF_INET, socket.AF_INET6) or (family, sockaddr) in seen:
+                continue
+            seen.add((family, sockaddr))
+            try:
+                s = socket.socket(family, stype, proto)
+            except OSError as e:
+                # PORT alone: a host without IPv6 still serves IPv4.
+                if host is None and family == socket.AF_INET6:
+                    continue
+                raise ListenError(f"--listen {spec}: {e.strerror}") from None
+            try:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                s.bind(sockaddr)
+                s.listen(socket.SOMAXCONN)
+                s.setblocking(False)
+            except OSError as e:
+                s.close()
+                if host is None and family == socket.AF_INET6 and e.errno in (
+                        errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                    continue
+                raise ListenError(f"--listen {spec}: {_format_address(sockaddr, family)}: "
+                                  f"{e.strerror}") from None
+            socks.append(s)
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    if not socks:
+        raise ListenError(f"--listen {spec}: no address to listen on")
+    return socks
+
+
+def adopt_fd(fd: int) -> socket.socket:
+    """An inherited listening socket (inetd ``wait``, systemd ``Accept=no``) as a socket object.
+
+    fds 0-2 are moved to a fresh close-on-exec fd and replaced by /dev/null: a
+    child (or a hook) must never hold the listening socket, or the port would
+    keep queueing connections after we stopped accepting.
+    """
+    if not is_listening_socket(fd):
+        raise ListenError(f"fd {fd} is not a listening socket")
+    if fd <= 2:
+        new = os.dup(fd)  # non-inheritable
+        null = os.open(os.devnull, os.O_RDWR)
+        for low in (0, 1, 2):
+            if _same_file(low, new):
+                os.dup2(null, low)
+        os.close(null)
+        fd = new
+    else:
+        os.set_inheritable(fd, False)
+    s = socket.socket(fileno=fd)
+    s.setblocking(False)
+    return s
+
+
+def _same_file(a: int, b: int) -> bool:
+    try:
+        sa, sb = os.fstat(a), os.fstat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def _sock_name(s: socket.socket) -> str:
+    try:
+        return _format_address(s.getsockname(), s.family)
+    except OSError:
+        return f"fd {s.fileno()}"
+
+
+# --------------------------------------------------------------------------- the session in a child
+
+
+@dataclass
+class _Child:
+    pid: int
+    peer: str | None
+    started: float
+    pipe: int | None  # read end; None once closed
+    authenticated: bool = False
+
+
+@dataclass
+class _Stats:
+    busy: int = 0
+    sessions: int = 0
+    accept_errors: int = 0
+    last_accept_log: float = field(default=-ACCEPT_LOG_INTERVAL * 2)
+
+
+# --------------------------------------------------------------------------- the server
+
+
+class Server:
+    """The accept loop's parent process."""
+
+    def __init__(self, config_path: str, cfg: Config, log: Logger, *,
+                 boxes: frozenset[str] | None = None, debug: bool = False) -> None:
+        self.config_path = config_path
+        self.cfg = cfg
+        self.log = log
+        self.boxes = boxes
+        self.debug = debug
+        self.listeners: list[socket.socket] = []
+        self.children: dict[int, _Child] = {}
+        self.stats = _Stats()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._stop = 0  # number of SIGTERM/SIGINT received
+        self._reload = False
+        self._old_wakeup = -1
+        self._paused_until = 0.0
+
+    # -- set-up --
+
+    def add_listeners(self, listen: Sequence[str], fds: Sequence[int]) -> None:
+        try:
+            for fd in fds:
+                self.listeners.append(adopt_fd(fd))
+            for spec in listen:
+                self.listeners.extend(bind_listen(spec))
+        except BaseException:
+            self.close_listeners()
+            raise
+
+    def close_listeners(self) -> None:
+        for s in self.listeners:
+            s.close()
+        self.listeners = []
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self._stop += 1
+        elif signum == signal.SIGHUP:
+            self._reload = True
+        # SIGCHLD: the wake-up byte is all we need; reaping happens in the loop.
+
+    def _install_signals(self) -> None:
+        self._old_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(sig, self._on_signal)
+
+    # -- main loop --
+
+    def serve(self) -> int:
+        self._install_signals()
+        addresses = " ".join(_sock_name(s) for s in self.listeners)
+        self.log.info(event="serve", outcome="listening", detail=addresses,
+                      reason=f"max_sessions={self.cfg.max_sessions}")
+        sd_notify(f"READY=1\nSTATUS=listening on {addresses}\nMAINPID={os.getpid()}")
+        while not self._stop:
+            self._poll_once()
+            self._reap()
+            if self._reload and not self._stop:
+                self._reload = False
+                self.reload()
+        return self._shutdown()
+
+    def _poll_once(self) -> None:
+        now = time.monotonic()
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        timeout = POLL_INTERVAL
+        listening = now >= self._paused_until
+        if listening:
+            for s in self.listeners:
+                poller.register(s.fileno(), select.POLLIN)
+        else:
+            timeout = min(timeout, self._paused_until - now)
+        pipes: dict[int, _Child] = {}
+        for child in self.children.values():
+            if child.pipe is not None:
+                pipes[child.pipe] = child
+                poller.register(child.pipe, select.POLLIN)
+        try:
+            events = poller.poll(max(0.0, timeout) * 1000)
+        except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for safety
+            return
+        by_fd = {s.fileno(): s for s in self.listeners} if listening else {}
+        for fd, _ev in events:
+            if fd == self._wake_r:
+                self._drain_wakeup()
+            elif fd in pipes:
+                self._read_child_pipe(pipes[fd])
+        for fd, _ev in events:
+            if fd in by_fd and not self._stop:
+                self._accept_from(by_fd[fd])
+
+    def _drain_wakeup(self) -> None:
+        try:
+            while os.read(self._wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _read_child_pipe(self, child: _Child) -> None:
+        assert child.pipe is not None
+        try:
+            data = os.read(child.pipe, 16)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if _AUTHENTICATED in data:
+            child.authenticated = True
+        if not data or child.authenticated:
+            os.close(child.pipe)
+            child.pipe = None
+
+    # -- accepting --
+
+    def _accept_from(self, listener: socket.socket) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                self._accept_failed(e)
+                return
+            self._handle(conn, addr)
+
+    def _accept_failed(self, e: OSError) -> None:
+        self.stats.accept_errors += 1
+        now = time.monotonic()
+        # EMFILE, ENFILE, ENOBUFS, ENOMEM, ECONNABORTED and anything else: a short pause
+        # rather than a busy loop while the condition lasts.
+        self._paused_until = now + ACCEPT_BACKOFF
+        if now - self.stats.last_accept_log >= ACCEPT_LOG_INTERVAL:
+            self.stats.last_accept_log = now
+            self.log.error(event="accept", outcome="error", detail=f"accept failed: {e.strerror}",
+                           reason=f"{self.stats.accept_errors} failures so far; pausing "
+                                  f"{ACCEPT_BACKOFF:g} s after each, logged once a minute")
+
+    def _peer(self, conn: socket.socket, addr: Any) -> str | None:
+        if conn.family in (socket.AF_INET, socket.AF_INET6) and isinstance(addr, tuple):
+            return normalise_address(str(addr[0]))
+        return None
+
+    def busy_reason(self, peer: str | None) -> str | None:
+        """Which limit of brief section 5 a new connection from ``peer`` would break, if any."""
+        cfg = self.cfg
+        if len(self.children) >= cfg.max_sessions:
+            return "max_sessions"
+        pre = [c for c in self.children.values() if not c.authenticated]
+        if len(pre) >= max(1, cfg.max_sessions // 4):
+            return "preauth_sessions"
+        if sum(1 for c in pre if c.peer == peer) >= cfg.max_preauth_per_peer:
+            return "max_preauth_per_peer"
+        return None
+
+    def _handle(self, conn: socket.socket, addr: Any) -> None:
+        peer = self._peer(conn, addr)
+        reason = self.busy_reason(peer)
+        if reason is not None:
+            self._refuse(conn, peer, reason)
+            return
+        try:
+            self._fork(conn, peer)
+        except OSError as e:
+            self._refuse(conn, peer, f"fork failed: {e.strerror}")
+
+    def _refuse(self, conn: socket.socket, peer: str | None, reason: str) -> None:
+        """``421 busy`` and close, without blocking: a fresh socket's send buffer has room."""
+        self.stats.busy += 1
+        self.log.warning(event="session", peer=peer or "unknown", outcome="busy", code=Reply.BUSY,
+                         reason=reason)
+        try:
+            conn.setblocking(False)
+            conn.send(protocol.session_line(Reply.BUSY))
+            conn.shutdown(socket.SHUT_WR)
+            # Unread bytes at close() turn the FIN into a RST, which may destroy the
+            # 421 line before the client reads it: take what has already arrived.
+            conn.recv(65536)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def _fork(self, conn: socket.socket, peer: str | None) -> None:
+        pipe_r, pipe_w = os.pipe2(os.O_CLOEXEC)
+        cfg = self.cfg
+        try:
+            pid = os.fork()
+        except OSError:
+            os.close(pipe_r)
+            os.close(pipe_w)
+            raise
+        if pid == 0:  # pragma: no cover - the child; covered by the e2e tests
+            status: int = Exit.LOCAL
+            try:
+                os.close(pipe_r)
+                status = self._child(conn, peer, cfg, pipe_w)
+            finally:
+                os._exit(status)
+        os.close(pipe_w)
+        conn.close()
+        os.set_blocking(pipe_r, False)
+        self.children[pid] = _Child(pid, peer, time.monotonic(), pipe_r)
+        self.stats.sessions += 1
+        self.log.debug(event="session", peer=peer, outcome="forked", detail=f"pid {pid}")
+
+    def _child(self, conn: socket.socket, peer: str | None, cfg: Config, pipe_w: int) -> int:
+        """In the forked child: drop the parent's state, run one session, return its status."""
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        # The terminal's Ctrl-C and a reload are for the parent: a session runs to its end.
+        # A Python handler (not SIG_IGN) so that hooks exec'ed later start with the default.
+        signal.signal(signal.SIGINT, _ignore)
+        signal.signal(signal.SIGHUP, _ignore)
+        for s in self.listeners:
+            s.close()
+        for c in self.children.values():
+            if c.pipe is not None:
+                os.close(c.pipe)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+        def authenticated() -> None:
+            try:
+                os.write(pipe_w, _AUTHENTICATED)
+                os.close(pipe_w)
+            except OSError:
+                pass
+
+        try:
+            stream = FdStream(conn.fileno())
+            result = ServerSession(cfg, stream, self.log, peer=peer, allowed_boxes=self.boxes,
+                                   on_authenticated=authenticated).run()
+        except Exception as e:  # the child's one top-level handler: logged, never on the wire
+            self.log.error(event="session", outcome="error", peer=peer,
+                           detail=f"{type(e).__name__}: {e}")
+            return Exit.LOCAL
+        return result.status
+
+    # -- children --
+
+    def _reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.children.clear()
+                return
+            if pid == 0:
+                return
+            child = self.children.pop(pid, None)
+            if child is None:
+                continue
+            if child.pipe is not None:
+                # The byte may still be in the pipe; it no longer matters.
+                os.close(child.pipe)
+            code = os.waitstatus_to_exitcode(status)
+            if code < 0:
+                self.log.warning(event="session", peer=child.peer, outcome="killed",
+                                 detail=f"pid {pid} killed by signal {-code}")
+            else:
+                self.log.debug(event="session", peer=child.peer, outcome="exited",
+                               detail=f"pid {pid} exit {code}")
+
+    def _signal_children(self, sig: int) -> None:
+        for pid in list(self.children):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    # -- reload and stop --
+
+    def reload(self) -> bool:
+        """Re-read and validate the configuration; keep the old one on any error."""
+        sd_notify(f"RELOADING=1\nMONOTONIC_USEC={_monotonic_usec()}")
+        try:
+            try:
+                new = load_config(self.config_path)
+            except ConfigError as e:
+                for problem in e.problems:
+                    self.log.error(event="reload", outcome="error", detail=problem)
+                self.log.error(event="reload", outcome="refused",
+                               detail="configuration not reloaded; the old one stays in force")
+                return False
+            except Exception as e:  # a reload must never stop the server
+                self.log.error(event="reload", outcome="refused",
+                               detail=f"{type(e).__name__}: {e}; the old configuration stays in force")
+                return False
+            if not self.debug:
+                self.log = Logger(new.log, new.log_level, new.syslog_facility)
+            self.cfg = new
+            for warning in new.warnings:
+                self.log.warning(event="reload", outcome="warning", detail=warning)
+            self.log.info(event="reload", outcome="ok", detail=f"{len(new.boxes)} boxes",
+                          reason=f"max_sessions={new.max_sessions}")
+            return True
+        finally:
+            sd_notify("READY=1")
+
+    def _shutdown(self) -> int:
+        sd_notify("STOPPING=1")
+        self.close_listeners()
+        grace = self.cfg.idle_timeout + self.cfg.preauth_timeout
+        self.log.info(event="serve", outcome="stopping",
+                      detail=f"{len(self.children)} sessions running; waiting up to {grace:g} s")
+        deadline = time.monotonic() + grace
+        terminated = False
+        signalled = self._stop
+        while self.children:
+            now = time.monotonic()
+            if not terminated and (now >= deadline or self._stop > signalled):
+                self.log.warning(event="serve", outcome="terminating",
+                                 detail=f"ending {len(self.children)} sessions")
+                self._signal_children(signal.SIGTERM)
+                terminated = True
+                deadline = now + KILL_AFTER
+            elif terminated and now >= deadline:
+                self._signal_children(signal.SIGKILL)
+                deadline = now + KILL_AFTER
+            poller = select.poll()
+            poller.register(self._wake_r, select.POLLIN)
+            poller.poll(max(0.0, min(POLL_INTERVAL, deadline - now)) * 1000)
+            self._drain_wakeup()
+            self._reap()
+        self.log.info(event="serve", outcome="stopped",
+                      detail=f"{self.stats.sessions} sessions, {self.stats.busy} refused busy")
+        self._close()
+        return Exit.OK
+
+    def _close(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.set_wakeup_fd(self._old_wakeup)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+
+def _ignore(_signum: int, _frame: FrameType | None) -> None:
+    pass
+
+
+def serve_connected(cfg: Config, log: Logger, fd: int, boxes: frozenset[str] | None) -> int:
+    """One session on a *connected* socket passed in ``LISTEN_FDS`` (``systemd-socket-activate -a``,
+    systemd ``Accept=yes`` without ``StandardInput=socket``)."""
+    peer: str | None = None
+    try:
+        s = socket.socket(fileno=os.dup(fd))
+        try:
+            if s.family in (socket.AF_INET, socket.AF_INET6):
+                peer = normalise_address(str(s.getpeername()[0]))
+        finally:
+            s.close()
+    except OSError:
+        peer = None
+    try:
+        result = ServerSession(cfg, FdStream(fd), log, peer=peer, allowed_boxes=boxes).run()
+    except Exception as e:  # the one top-level handler: logged, never on the wire
+        log.error(event="session", outcome="error", peer=peer, detail=f"{type(e).__name__}: {e}")
+        return Exit.LOCAL
+    return result.status
+
+
+def run(config_path: str, cfg: Config, log: Logger, *, listen: Sequence[str] = (),
+        fds: Sequence[int] = (), boxes: frozenset[str] | None = None, debug: bool = False) -> int:
+    """The accept loop on ``--listen`` addresses and inherited listening fds; returns the exit status.
+
+    A single inherited fd that is a *connected* socket (systemd's LISTEN_FDS with
+    ``Accept=yes``) is served as one session instead.
+    """
+    if not listen and len(fds) == 1 and is_socket(fds[0]) and not is_listening_socket(fds[0]):
+        return serve_connected(cfg, log, fds[0], boxes)
+    server = Server(config_path, cfg, log, boxes=boxes, debug=debug)
+    try:
+        server.add_listeners(listen, fds)
+    except ListenError as e:
+        if log.target != "stderr":  # recv.main prints it on stderr too
+            log.error(event="serve", outcome="error", detail=e.message)
+        raise
+    if not server.listeners:
+        raise ListenError("nothing to listen on")
+    return server.serve()
