@@ -73,8 +73,8 @@ echo "==> starting rstash-recv --listen 127.0.0.1:$port as $svc_user"
 "${run_svc[@]}" "$recv" -c "$work/rstash-recv.toml" --listen "127.0.0.1:$port" 2>"$work/server.stderr" &
 server=$!
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
-for _ in $(seq 50); do
-    (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null && break
+for _ in $(seq 100); do
+    grep -q "outcome=listening" "$work/recv.log" 2>/dev/null && break
     kill -0 "$server" 2>/dev/null || { cat "$work/server.stderr"; exit 1; }
     sleep 0.1
 done

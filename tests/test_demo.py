@@ -1,0 +1,33 @@
+"""The README's first command: ./demo.sh installs rstash, serves the shipped example
+config on loopback and stores a file with a verified receipt."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from e2e_support import free_port
+
+pytestmark = pytest.mark.e2e
+
+CHECKOUT = Path(__file__).resolve().parent.parent
+
+
+def test_demo_stores_the_readme_with_a_verified_receipt() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["RSTASH_DEMO_PORT"] = str(free_port())
+    proc = subprocess.run(["bash", str(CHECKOUT / "demo.sh")], env=env, capture_output=True,
+                          text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    receipts = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(receipts) == 1
+    receipt = receipts[0]
+    assert receipt["status"] == "stored" and receipt["code"] == 250
+    import hashlib
+
+    assert receipt["sha256"] == hashlib.sha256((CHECKOUT / "README.md").read_bytes()).hexdigest()
+    assert "outcome=stored" in proc.stdout
