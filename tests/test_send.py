@@ -1,0 +1,411 @@
+"""rstash-send's pieces without a server: destinations, the ssh command line, options,
+key files, the name checker, exit statuses. The real sessions are in test_e2e_client.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rstash import send
+from rstash.errors import Exit, UsageError, worst_exit
+from rstash.send import Dest, Result, parse_dest, ssh_argv, status_of
+
+CHECKOUT = Path(__file__).resolve().parent.parent
+KEY_HEX = "00" * 31 + "01"
+
+
+def run(*args: str | os.PathLike[str]) -> int:
+    """rstash-send's main() in this process; argparse's own exits count too."""
+    try:
+        return send.main([os.fspath(a) for a in args])
+    except SystemExit as e:
+        return int(e.code or 0)
+
+
+@pytest.fixture
+def key(tmp_path: Path) -> Path:
+    path = tmp_path / "vm1.key"
+    path.write_text(f"rstash-key-v1 {KEY_HEX} # test key\n")
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture
+def afile(tmp_path: Path) -> Path:
+    path = tmp_path / "a.txt"
+    path.write_bytes(b"hello\n")
+    return path
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Fails the test if rstash-send tries to reach a server; records the attempts."""
+    calls: list[Any] = []
+
+    def connect(dest: Dest, opts: Any) -> Any:
+        calls.append(dest)
+        raise AssertionError(f"tried to connect to {dest}")
+
+    monkeypatch.setattr(send, "connect", connect)
+    return calls
+
+
+# --------------------------------------------------------------------------- destinations
+
+
+@pytest.mark.parametrize(("text", "want"), [
+    ("rstash://backup.example.org/vm1", Dest("rstash", "backup.example.org", None, "vm1")),
+    ("rstash://192.0.2.7:7371/vm1", Dest("rstash", "192.0.2.7", 7371, "vm1")),
+    ("rstash://[::1]/vm1", Dest("rstash", "::1", None, "vm1")),
+    ("rstash://[::1]:7370/a.b_c-d", Dest("rstash", "::1", 7370, "a.b_c-d")),
+    ("rstash://[2001:db8::7]:1/vm1", Dest("rstash", "2001:db8::7", 1, "vm1")),
+    ("ssh://host/vm1", Dest("ssh", "host", None, "vm1")),
+    ("ssh://rstash@host:2222/vm1", Dest("ssh", "host", 2222, "vm1", "rstash")),
+    ("ssh://rstash@[::1]:22/vm1", Dest("ssh", "::1", 22, "vm1", "rstash")),
+])
+def test_destinations_parse(text: str, want: Dest) -> None:
+    assert parse_dest(text) == want
+
+
+@pytest.mark.parametrize("text", [
+    # argument injection into ssh: an option where a host or user belongs
+    "ssh://-oProxyCommand=x/box",
+    "ssh://-x@host/box",
+    "ssh://user@-oProxyCommand=x/box",
+    "rstash://-h/box",
+    # a shell reaches the host through --proxy-command %h (and ssh's ProxyCommand)
+    "rstash://$(id>&2)/vm1",
+    "ssh://`id`@host/vm1",
+    "ssh://a@b@c/vm1",
+    "rstash://a;b/vm1",
+    "rstash://a b/vm1",
+    "rstash://[::1;id]/vm1",
+    # the box travels in HELLO and must be a box name
+    "ssh://host/-box",
+    "ssh://host/.box",
+    "ssh://host/../etc",
+    "ssh://host/a b",
+    "ssh://host/" + "b" * 65,
+    # not a destination
+    "ssh://host/",
+    "ssh://host",
+    "host:/box",
+    "http://host/box",
+    "rstash://user@host/vm1",
+    "rstash://host:0/vm1",
+    "rstash://host:65536/vm1",
+    "rstash://host:/vm1",
+    "rstash://[::1/vm1",
+    "",
+])
+def test_bad_destinations_are_refused(text: str) -> None:
+    with pytest.raises(UsageError):
+        parse_dest(text)
+
+
+def test_an_injection_attempt_exits_2_before_any_connection(key: Path, afile: Path,
+                                                           no_network: list[Any]) -> None:
+    assert run("-k", key, "ssh://-oProxyCommand=touch${IFS}x/vm1", afile) == Exit.LOCAL
+    assert run("-k", key, "--proxy-command", "nc %h %p", "rstash://$(id)/vm1", afile) == Exit.LOCAL
+    assert no_network == []
+
+
+# --------------------------------------------------------------------------- the ssh command
+
+
+def test_ssh_argv_is_exactly_the_briefs() -> None:
+    plain = Dest("ssh", "host", None, "vm1")
+    assert ssh_argv("ssh", plain, "rstash-recv", False) == [
+        "ssh", "-T", "-o", "BatchMode=yes", "--", "host", "rstash-recv"]
+    full = Dest("ssh", "host", 2222, "vm1", "backup")
+    assert ssh_argv("ssh", full, "rstash-recv", False) == [
+        "ssh", "-p", "2222", "-l", "backup", "-T", "-o", "BatchMode=yes", "--", "host", "rstash-recv"]
+    only_user = Dest("ssh", "host", None, "vm1", "backup")
+    assert ssh_argv("ssh", only_user, "/opt/bin/rstash-recv", False) == [
+        "ssh", "-l", "backup", "-T", "-o", "BatchMode=yes", "--", "host", "/opt/bin/rstash-recv"]
+    only_port = Dest("ssh", "::1", 22, "vm1")
+    assert ssh_argv("ssh", only_port, "rstash-recv", True) == [
+        "ssh", "-p", "22", "-T", "-o", "BatchMode=yes", "-s", "--", "::1", "rstash"]
+    assert ssh_argv("ssh", full, "ignored", True) == [
+        "ssh", "-p", "2222", "-l", "backup", "-T", "-o", "BatchMode=yes", "-s", "--", "host", "rstash"]
+
+
+def test_the_box_never_reaches_the_remote_command() -> None:
+    argv = ssh_argv("ssh", parse_dest("ssh://u@h:2/secretbox"), "rstash-recv", False)
+    assert not any("secretbox" in a for a in argv)
+
+
+def test_rsh_is_split_like_a_shell_and_never_run_by_one() -> None:
+    dest = Dest("ssh", "host", None, "vm1")
+    rsh = """/usr/bin/ssh -i '/keys/my key' -o "ProxyJump=jump host" -F /dev/null;touch\\ x"""
+    assert ssh_argv(rsh, dest, "rstash-recv", False) == [
+        "/usr/bin/ssh", "-i", "/keys/my key", "-o", "ProxyJump=jump host", "-F", "/dev/null;touch x",
+        "-T", "-o", "BatchMode=yes", "--", "host", "rstash-recv"]
+    with pytest.raises(UsageError):
+        ssh_argv("   ", dest, "rstash-recv", False)
+    with pytest.raises(ValueError):  # shlex: an unbalanced quote is not guessed at
+        ssh_argv("ssh -i 'x", dest, "rstash-recv", False)
+
+
+def fake_ssh(tmp_path: Path, name: str = "fake-ssh") -> tuple[Path, Path]:
+    """An "ssh" that records its argv and fails the way ssh does when it cannot connect."""
+    record = tmp_path / f"{name}.argv"
+    script = tmp_path / name
+    script.write_text(f"""#!{sys.executable}
+import json, sys
+open({str(record)!r}, "w").write(json.dumps(sys.argv[1:]))
+sys.stderr.write("ssh: connect to host h port 22: Connection refused\\n")
+sys.exit(255)
+""")
+    script.chmod(0o755)
+    return script, record
+
+
+def test_rsh_option_and_environment(tmp_path: Path, key: Path, afile: Path,
+                                     monkeypatch: pytest.MonkeyPatch,
+                                     capfd: pytest.CaptureFixture[str]) -> None:
+    by_env, env_record = fake_ssh(tmp_path, "env-ssh")
+    by_opt, opt_record = fake_ssh(tmp_path, "opt-ssh")
+    monkeypatch.setenv("RSTASH_RSH", f"{by_env} -o 'IdentityFile=/k 1'")
+    # RSTASH_RSH when no -e; ssh failing before any protocol byte is exit 4 quoting ssh.
+    assert run("-k", key, "ssh://backup@h:2222/vm1", afile) == Exit.TRANSPORT
+    assert json.loads(env_record.read_text()) == [
+        "-o", "IdentityFile=/k 1", "-p", "2222", "-l", "backup", "-T", "-o", "BatchMode=yes",
+        "--", "h", "rstash-recv"]
+    err = capfd.readouterr().err
+    assert "Connection refused" in err
+    # -e wins over RSTASH_RSH; --remote-path and --subsystem.
+    assert run("-k", key, "-e", f"{by_opt} -v", "--remote-path", "/opt/rstash-recv --box vm1",
+               "ssh://h/vm1", afile) == Exit.TRANSPORT
+    assert json.loads(opt_record.read_text()) == [
+        "-v", "-T", "-o", "BatchMode=yes", "--", "h", "/opt/rstash-recv --box vm1"]
+    opt_record.unlink()
+    assert run("-k", key, "--rsh", str(by_opt), "--subsystem", "ssh://h/vm1", afile) == Exit.TRANSPORT
+    assert json.loads(opt_record.read_text()) == ["-T", "-o", "BatchMode=yes", "-s", "--", "h", "rstash"]
+
+
+# --------------------------------------------------------------------------- options and names
+
+
+@pytest.mark.parametrize("name", [
+    "../etc/passwd", "a/b", ".", "..", ".hidden", "-rf", " lead", "trail ", "tab\there",
+    "bell\x07", "soft\u00adhyphen", "e\u0301", "x" * 256, "",
+])
+def test_a_bad_name_is_refused_before_sending(name: str, key: Path, afile: Path,
+                                              no_network: list[Any],
+                                              capfd: pytest.CaptureFixture[str]) -> None:
+    assert run("-k", key, "--name", name, "rstash://127.0.0.1:1/vm1", afile) == Exit.LOCAL
+    assert "name" in capfd.readouterr().err
+    # The same for stdin and for a command, which must not even be started.
+    assert run("-k", key, "--name", name, "rstash://127.0.0.1:1/vm1", "-") == Exit.LOCAL
+    marker = afile.parent / "ran"
+    assert run("-k", key, "--name", name, "--from-command", "rstash://127.0.0.1:1/vm1", "--",
+               "touch", marker) == Exit.LOCAL
+    assert not marker.exists()
+
+
+def test_a_bad_file_base_name_is_refused_before_sending(tmp_path: Path, key: Path,
+                                                        no_network: list[Any]) -> None:
+    hidden = tmp_path / ".profile"
+    hidden.write_bytes(b"x")
+    assert run("-k", key, "rstash://127.0.0.1:1/vm1", hidden) == Exit.LOCAL
+
+
+@pytest.mark.parametrize("args", [
+    ["--name", "x", "{dest}", "{file}", "{file}"],        # --name takes one FILE
+    ["{dest}", "-"],                                       # stdin needs --name
+    ["--from-command", "{dest}", "--", "true"],            # --from-command needs --name
+    ["--name", "x", "--from-command", "{dest}"],           # ... and a command
+    ["{dest}"],                                            # no FILE
+    ["{dest}", "{missing}"],                               # unreadable file
+    ["{dest}", "{dir}"],                                   # not a regular file
+    ["--no-such-option", "{dest}", "{file}"],
+    ["--bwlimit", "fast", "{dest}", "{file}"],
+    ["--timeout", "soon", "{dest}", "{file}"],
+    ["--progress", "--no-progress", "{dest}", "{file}"],
+    [],
+])
+def test_usage_and_local_errors_exit_2(args: list[str], tmp_path: Path, key: Path, afile: Path,
+                                       no_network: list[Any]) -> None:
+    subst = {"{dest}": "rstash://127.0.0.1:1/vm1", "{file}": str(afile),
+             "{missing}": str(tmp_path / "missing"), "{dir}": str(tmp_path)}
+    assert run("-k", key, *[subst.get(a, a) for a in args]) == Exit.LOCAL
+
+
+def test_json_with_stdout_is_a_usage_error(key: Path, afile: Path,
+                                           capfd: pytest.CaptureFixture[str]) -> None:
+    assert run("-k", key, "--json", "--stdout", "vm1", afile) == Exit.LOCAL
+    captured = capfd.readouterr()
+    assert captured.out == ""  # nothing on the stream, not even a JSON error object
+    assert "--json" in captured.err
+
+
+def test_stdout_mode_refuses_a_bad_box_and_reply_modes(key: Path, afile: Path) -> None:
+    assert run("-k", key, "--stdout", "rstash://h/vm1", afile) == Exit.LOCAL
+    assert run("-k", key, "--stdout", "--dry-run", "vm1", afile) == Exit.LOCAL
+    assert run("-k", key, "--stdout", "--test", "vm1") == Exit.LOCAL
+
+
+def python_send(*args: str | os.PathLike[str]) -> list[str]:
+    return [sys.executable, "-m", "rstash.send", *[os.fspath(a) for a in args]]
+
+
+def child_env() -> dict[str, str]:
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(CHECKOUT),
+            "LANG": "C.UTF-8"}
+
+
+def test_stdout_mode_refuses_a_terminal(key: Path, afile: Path) -> None:
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(python_send("-k", key, "--stdout", "vm1", afile), stdout=slave,
+                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=child_env())
+    finally:
+        os.close(slave)
+    try:
+        _, err = proc.communicate(timeout=30)
+        shown = b""
+        while select.select([master], [], [], 0.1)[0]:
+            try:
+                data = os.read(master, 65536)
+            except OSError:
+                break
+            if not data:
+                break
+            shown += data
+    finally:
+        os.close(master)
+    assert proc.returncode == Exit.LOCAL, err
+    assert b"terminal" in err
+    assert b"\x01" not in shown and len(shown) == 0  # not one byte of a HELLO on the terminal
+
+
+def test_stdout_mode_writes_a_stream_to_a_pipe(key: Path, afile: Path) -> None:
+    proc = subprocess.run(python_send("-k", key, "--stdout", "vm1", afile), capture_output=True,
+                          timeout=30, env=child_env(), check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout[:1] == b"\x01"  # a HELLO frame first
+    assert proc.stdout.endswith(b"") and b"a.txt" in proc.stdout and b"hello\n" in proc.stdout
+
+
+def test_stdout_mode_waits_for_a_slow_reader(tmp_path: Path, key: Path) -> None:
+    big = tmp_path / "big"
+    big.write_bytes(os.urandom(3 * 1024 * 1024))
+    proc = subprocess.Popen(python_send("-k", key, "--stdout", "vm1", big), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=child_env())
+    assert proc.stdout is not None
+    try:
+        time.sleep(1.0)  # the pipe fills up; the writer must wait, not fail
+        got = 0
+        while chunk := proc.stdout.read(65536):
+            got += len(chunk)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait(5)
+    assert proc.returncode == 0, err
+    assert got > 3 * 1024 * 1024
+
+
+# --------------------------------------------------------------------------- keys
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o644, 0o660, 0o620, 0o602])
+def test_a_key_readable_by_others_is_refused_like_ssh(mode: int, key: Path, afile: Path,
+                                                      no_network: list[Any],
+                                                      capfd: pytest.CaptureFixture[str]) -> None:
+    key.chmod(mode)
+    assert run("--fingerprint", "-k", key) == Exit.LOCAL
+    assert run("-k", key, "rstash://127.0.0.1:1/vm1", afile) == Exit.LOCAL
+    err = capfd.readouterr().err
+    # ssh: "Permissions 0644 for 'id_ed25519' are too open."
+    assert f"{mode:04o}" in err and "too open" in err and str(key) in err
+
+
+def test_key_file_checks(tmp_path: Path, key: Path, monkeypatch: pytest.MonkeyPatch,
+                         capfd: pytest.CaptureFixture[str]) -> None:
+    assert run("--fingerprint", "-k", key) == 0
+    line = capfd.readouterr().out.strip()
+    assert line.startswith("256 SHA256:") and line.endswith(" test key (rstash-hmac)")
+    monkeypatch.setenv("RSTASH_KEY_FILE", str(key))
+    assert run("--fingerprint") == 0
+    assert capfd.readouterr().out.strip() == line
+    link = tmp_path / "link.key"
+    link.symlink_to(key)
+    assert run("--fingerprint", "-k", link) == Exit.LOCAL
+    assert run("--fingerprint", "-k", tmp_path / "none.key") == Exit.LOCAL
+    monkeypatch.delenv("RSTASH_KEY_FILE")
+    assert run("--fingerprint") == Exit.LOCAL
+    bad = tmp_path / "bad.key"
+    bad.write_text("ssh-ed25519 AAAA\n")
+    bad.chmod(0o600)
+    assert run("--fingerprint", "-k", bad) == Exit.LOCAL
+    assert "Traceback" not in capfd.readouterr().err
+
+
+# --------------------------------------------------------------------------- exit statuses
+
+
+@pytest.mark.parametrize(("statuses", "want"), [
+    ((), 0),
+    ((0, 0), 0),
+    ((0, 75), 75),
+    ((75, 1), 1),
+    ((1, 75, 0), 1),
+    ((1, 2), 2),
+    ((75, 2, 1), 2),
+    ((2, 3), 3),
+    ((2, 4), 4),
+    ((2, 5), 5),
+    ((5, 1, 75, 0, 2), 5),
+    ((4, 75), 4),
+])
+def test_exit_status_precedence(statuses: tuple[int, ...], want: int) -> None:
+    # rstash-send(1): 3, 4, 5 (session) > 2 > 1 > 75 > 0
+    assert worst_exit(*statuses) == want
+
+
+def test_session_failures_outrank_every_per_file_status() -> None:
+    for session in (3, 4, 5):
+        for other in (0, 1, 2, 75):
+            assert worst_exit(other, session) == session == worst_exit(session, other)
+
+
+@pytest.mark.parametrize(("code", "dry", "status"), [
+    (250, False, "stored"), (250, True, "would_store"), (550, False, "exists"),
+    (550, True, "exists"), (553, False, "refused"), (552, False, "refused"),
+    (452, False, "temporary"), (451, False, "temporary"), (426, False, "error"),
+])
+def test_reply_codes_map_to_json_statuses(code: int, dry: bool, status: str) -> None:
+    assert status_of(code, dry) == status
+
+
+@pytest.mark.parametrize(("status", "ignore", "want"), [
+    ("stored", False, 0), ("would_store", False, 0), ("exists", False, 1), ("exists", True, 0),
+    ("refused", True, 1), ("temporary", False, 75), ("error", False, 2),
+])
+def test_per_file_exit_status(status: str, ignore: bool, want: int) -> None:
+    assert Result("x", status=status).exit_status(ignore) == want
+
+
+def test_connection_refused_is_exit_4_and_not_retried(key: Path, afile: Path,
+                                                     capfd: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        t0 = time.monotonic()
+        assert run("-k", key, "--json", f"rstash://127.0.0.1:{port}/vm1", afile) == Exit.TRANSPORT
+    assert time.monotonic() - t0 < 5
+    last = json.loads(capfd.readouterr().out.splitlines()[-1])
+    assert last["status"] == "error" and last["message"]
