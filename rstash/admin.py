@@ -357,37 +357,10 @@ def _check_state_dir(cfg: Config, user: ServiceUser, report: Report) -> None:
 
 
 def _state_dir_problem(path: Path, user: ServiceUser) -> str | None:
-    """Why state_dir is unfit for ``user`` (state.check_state_dir judges the euid)."""
-    from rstash.state import NETWORK_FSTYPES, check_state_dir, fstype_of
+    """Why state_dir is unfit for ``user`` (root without --user: any owner)."""
+    from rstash.state import check_state_dir
 
-    euid = os.geteuid()
-    if user.uid == euid and not user.guessed_root:
-        return check_state_dir(path)
-    # check_state_dir wants it owned by our euid; here the owner that matters is
-    # the service user (--user), or unknown (root without --user).
-    try:
-        st = os.lstat(path)
-    except OSError as e:
-        return f"{path}: {e.strerror or e}"
-    if stat.S_ISLNK(st.st_mode):
-        return f"{path}: is a symbolic link"
-    if not stat.S_ISDIR(st.st_mode):
-        return f"{path}: not a directory"
-    mode = stat.S_IMODE(st.st_mode)
-    if mode != 0o700:
-        return f"{path}: mode {mode:04o}, must be 0700"
-    if not user.guessed_root and st.st_uid != user.uid:
-        return (f"{path}: owned by {_user_name(st.st_uid)}, not by the service user "
-                f"{user.name}")
-    try:
-        with open("/proc/self/mountinfo", "rb") as f:
-            mountinfo = os.fsdecode(f.read())
-    except OSError as e:
-        return f"{path}: cannot tell whether it is local (/proc/self/mountinfo: {e.strerror})"
-    fstype = fstype_of(os.path.realpath(path), mountinfo)
-    if fstype in NETWORK_FSTYPES:
-        return f"{path}: on a {fstype} file system, must be local"
-    return None
+    return check_state_dir(path, uid=user.uid, check_owner=not user.guessed_root)
 
 
 def _run_checks(path: str, user: ServiceUser) -> tuple[Config | None, Report]:

@@ -158,11 +158,13 @@ def fstype_of(path: str, mountinfo: str) -> str | None:
     return None if best is None else best[1]
 
 
-def check_state_dir(path: str | os.PathLike[str], *, mountinfo: str | None = None) -> str | None:
+def check_state_dir(path: str | os.PathLike[str], *, mountinfo: str | None = None,
+                    uid: int | None = None, check_owner: bool = True) -> str | None:
     """Why ``path`` is unfit to hold the replay cache, or None when it is fit.
 
-    Fit: an existing directory (not a symlink), mode exactly 0700, owned by the
-    effective uid, on a local file system. ``mountinfo`` replaces the text of
+    Fit: an existing directory (not a symlink), mode exactly 0700, owned by
+    ``uid`` (default: the effective uid; ``check_owner=False`` when the service
+    user is unknown), on a local file system. ``mountinfo`` replaces the text of
     /proc/self/mountinfo (tests); when that cannot be read the answer is "unfit":
     a cache we cannot prove local is refused.
     """
@@ -178,9 +180,9 @@ def check_state_dir(path: str | os.PathLike[str], *, mountinfo: str | None = Non
     mode = stat.S_IMODE(st.st_mode)
     if mode != 0o700:
         return f"{path}: mode {mode:04o}, must be 0700"
-    euid = os.geteuid()
-    if st.st_uid != euid:
-        return f"{path}: owned by uid {st.st_uid}, not by the service user (uid {euid})"
+    owner = os.geteuid() if uid is None else uid
+    if check_owner and st.st_uid != owner:
+        return f"{path}: owned by uid {st.st_uid}, not by the service user (uid {owner})"
     if mountinfo is None:
         try:
             with open("/proc/self/mountinfo", "rb") as f:
