@@ -259,12 +259,11 @@ class _TopTable(BaseModel):
     server_id: Annotated[str, PlainValidator(_server_id)] = ""
 
 
-class _DefaultsTable(BaseModel):
-    """[defaults]: every box key but path and keys, plus root."""
+class _BoxSettings(BaseModel):
+    """The box keys that [defaults] and [box.NAME] share."""
 
     model_config = _STRICT
 
-    root: AbsPath | None = None
     allow_names: Strings | None = None
     deny_names: Strings | None = None
     overwrite: Overwrite | None = None
@@ -277,23 +276,17 @@ class _DefaultsTable(BaseModel):
     on_receive: Argv = None
 
 
-class _BoxTable(BaseModel):
-    """[box.NAME] as written; inheritance happens in :func:`_effective_box`."""
+class _DefaultsTable(_BoxSettings):
+    """[defaults]: every box key but path and keys, plus root."""
 
-    model_config = _STRICT
+    root: AbsPath | None = None
+
+
+class _BoxTable(_BoxSettings):
+    """[box.NAME] as written; inheritance happens in :func:`_effective_box`."""
 
     path: AbsPath | None = None
     keys: Paths | None = None
-    allow_names: Strings | None = None
-    deny_names: Strings | None = None
-    overwrite: Overwrite | None = None
-    max_file_size: Size | None = None
-    quota: Size | None = None
-    min_free: Size | None = None
-    file_mode: FileMode | None = None
-    allow_from: Networks | None = None
-    pipe_mode: bool | None = None
-    on_receive: Argv = None
 
 
 _BOX_FIELDS = frozenset(_BoxTable.model_fields)
