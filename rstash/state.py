@@ -241,13 +241,24 @@ class StateDB:
             _ABANDONED.append(self._conn)
             self._conn = None
         if self._conn is None:
-            conn = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_MS / 1000,
-                                   isolation_level=None)
-            try:
-                self._created = self._setup(conn)
-            except BaseException:
-                conn.close()
-                raise
+            # Switching a new database to WAL, or WAL recovery by another process, can
+            # answer SQLITE_BUSY without waiting in the busy handler: retry for as long
+            # as busy_timeout would have waited, then fail (closed) as any error does.
+            deadline = time.monotonic() + _BUSY_TIMEOUT_MS / 1000
+            while True:
+                conn = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_MS / 1000,
+                                       isolation_level=None)
+                try:
+                    self._created = self._setup(conn)
+                    break
+                except sqlite3.OperationalError as exc:
+                    conn.close()
+                    if "locked" not in str(exc) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
+                except BaseException:
+                    conn.close()
+                    raise
             self._conn, self._pid = conn, os.getpid()
         return self._conn
 
