@@ -476,8 +476,12 @@ class Session:
                 n = os.write(stream.wfd, view)
             except BlockingIOError:
                 p = select.poll()
-                p.register(stream.wfd, select.POLLOUT)
-                p.register(stream.rfd, select.POLLIN)
+                if stream.rfd == stream.wfd:
+                    # A socket: registering the fd twice would replace its mask.
+                    p.register(stream.wfd, select.POLLOUT | select.POLLIN)
+                else:
+                    p.register(stream.wfd, select.POLLOUT)
+                    p.register(stream.rfd, select.POLLIN)
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise PeerTimeout("timed out writing to the server") from None

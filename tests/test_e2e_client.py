@@ -808,3 +808,19 @@ def test_connect_timeout_and_timeout_bound_the_waits(env: Env, src: Path,
     assert p.returncode == 4, out(p)
     assert time.monotonic() - t0 < 8
     assert json_lines(p)[-1]["status"] == "error"
+
+
+def test_a_file_larger_than_the_socket_buffers_streams_without_stalling(env: Env, src: Path) -> None:
+    # The client waits for "writable or a reply" on one socket fd: both events must be
+    # asked for at once, or a full send buffer stalls until --timeout.
+    box = make_box(env.e2e_dir, "vm1")
+    port = env.server([box])
+    big = make_file(src, "big.bin", 64 * 1024 * 1024, sparse=True)
+    started = time.monotonic()
+    p = env.send("-k", box.client_key, "--timeout", "30", "--json", box.url(port), big, timeout=120)
+    elapsed = time.monotonic() - started
+    assert p.returncode == 0, out(p)
+    # A stall lasts the whole --timeout (30 s); 64 MiB on loopback takes about a second.
+    assert elapsed < 20, f"{elapsed:.1f} s: the client stalled on a full send buffer"
+    assert json_lines(p)[0]["sha256"] == sha256sum(big)
+    assert (box.path / "big.bin").stat().st_size == 64 * 1024 * 1024
