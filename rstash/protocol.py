@@ -267,7 +267,10 @@ class File:
 
 @dataclass(frozen=True)
 class Data:
-    data: bytes = field(repr=False)
+    """Content bytes as they arrived: the received chunk or a view of it (chunks are
+    immutable, so the view stays valid); ``bytes(event.data)`` for a copy."""
+
+    data: bytes | memoryview = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -333,12 +336,68 @@ SERVER_TRANSITIONS: dict[ServerState, dict[int, ServerState]] = {
 }
 
 
+class _Rope:
+    """Received bytes kept as the chunks they arrived in.
+
+    DATA payloads are handed out as views of those chunks, never copied: a
+    gigabyte passes from the socket to the hash and the file without a second
+    copy in between. Frame headers and small frames are copied out (≤ 4 KiB).
+    """
+
+    def __init__(self) -> None:
+        self._chunks: deque[bytes] = deque()
+        self._off = 0
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def append(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self.size += len(data)
+
+    def peek(self, n: int) -> bytes:
+        out = bytearray()
+        off = self._off
+        for chunk in self._chunks:
+            out += chunk[off:off + n - len(out)]
+            off = 0
+            if len(out) >= n:
+                break
+        return bytes(out)
+
+    def take(self, n: int) -> bytes:
+        data = self.peek(n)
+        self.skip(n)
+        return data
+
+    def skip(self, n: int) -> None:
+        self.size -= n
+        while n:
+            avail = len(self._chunks[0]) - self._off
+            if n < avail:
+                self._off += n
+                return
+            n -= avail
+            self._chunks.popleft()
+            self._off = 0
+
+    def view(self, n: int) -> bytes | memoryview:
+        """Up to ``n`` bytes from the oldest chunk, without copying them."""
+        chunk = self._chunks[0]
+        k = min(n, len(chunk) - self._off)
+        out: bytes | memoryview = chunk if self._off == 0 and k == len(chunk) \
+            else memoryview(chunk)[self._off:self._off + k]
+        self.skip(k)
+        return out
+
+
 class ServerConnection:
     """The server's half: frames in, verified events out."""
 
     def __init__(self) -> None:
         self.state = ServerState.AWAIT_HELLO
-        self._buf = bytearray()
+        self._buf = _Rope()
         self._eof = False
         self._keys: auth.SessionKeys | None = None
         self._next_index = 0
@@ -354,7 +413,7 @@ class ServerConnection:
         if self._eof:
             raise LocalProtocolError("data after end of stream")
         if data:
-            self._buf += data
+            self._buf.append(bytes(data))  # a no-op for bytes; a copy of a mutable buffer
         else:
             self._eof = True
 
@@ -393,16 +452,15 @@ class ServerConnection:
         buf = self._buf
         if len(buf) < 5:
             return self._maybe_eof()
-        ftype, length = _HEADER.unpack_from(buf)
+        ftype, length = _HEADER.unpack(buf.peek(5))
         self._check_header(ftype, length)
         if ftype == FrameType.DATA:
-            del buf[:5]
+            buf.skip(5)
             self._data_left = length
             return self._data_chunk()
         if len(buf) < 5 + length:
             return self._maybe_eof()
-        payload = bytes(buf[5:5 + length])
-        del buf[:5 + length]
+        payload = buf.take(5 + length)[5:]
         target = SERVER_TRANSITIONS[self.state][ftype]
         event = self._dispatch(ftype, payload)
         if not (ftype == FrameType.FILE and isinstance(event, File) and event.header.dry_run):
@@ -436,17 +494,12 @@ class ServerConnection:
         buf = self._buf
         if not buf:
             return self._maybe_eof()
-        n = min(len(buf), self._data_left)
         assert self._current is not None
+        chunk = buf.view(self._data_left)
+        n = len(chunk)
         size = self._current.size
         if size is not None and self._received + n > size:
             raise RemoteProtocolError("more data than the announced size")
-        if n == len(buf):
-            chunk = bytes(buf)
-            buf.clear()
-        else:
-            chunk = bytes(buf[:n])
-            del buf[:n]
         self._data_left -= n
         self._received += n
         if self._hash is not None:

@@ -89,6 +89,8 @@ class ServerSession:
         self.mode = "interactive"
         #: called once the 235 line is out (the accept loop counts pre-auth sessions)
         self.on_authenticated = on_authenticated
+        #: the delivery log: None until first used, False when state_dir is unfit
+        self._db: Any = None
 
     # -- I/O --
 
@@ -375,7 +377,7 @@ class ServerSession:
         st.upload = upload
         return st
 
-    def _on_data(self, data: bytes) -> None:
+    def _on_data(self, data: bytes | memoryview) -> None:
         from .store import Refused, SizeMismatch
 
         st = self._cur
@@ -473,11 +475,16 @@ class ServerSession:
         try:
             from . import state
 
-            if state.check_state_dir(self.cfg.state_dir) is not None:
-                return
-            db = getattr(self, "_db", None)
+            db = self._db
             if db is None:
+                # Judged once per session: a state_dir unfit for the replay cache
+                # keeps the delivery log off too.
+                if state.check_state_dir(self.cfg.state_dir) is not None:
+                    self._db = False
+                    return
                 db = self._db = state.StateDB(self.cfg.state_dir)
+            elif db is False:
+                return
             db.log_event(box=box, name=name, outcome=outcome, code=code, bytes=bytes_,
                          sha256=sha256, peer=self.peer,
                          key=self.key.log_name() if self.key else None)
@@ -502,6 +509,5 @@ class ServerSession:
             self.hooks.close()
         if self.store is not None:
             self.store.close()
-        db = getattr(self, "_db", None)
-        if db is not None:
-            db.close()
+        if self._db:
+            self._db.close()

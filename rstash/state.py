@@ -336,6 +336,7 @@ class StateDB:
             raise ClockSkew(t - now)
         try:
             conn = self._connection()
+            _synchronous(conn, "FULL")
             with _transaction(conn):
                 self._prune(conn, now - window)
                 if t <= self._floor(conn, box):
@@ -385,6 +386,9 @@ class StateDB:
         try:
             at = float(self.now() if when is None else when)
             conn = self._connection()
+            # The delivery log fails open: it needs no fsync per row (WAL with NORMAL
+            # stays consistent; a power cut may lose its last rows, never a file).
+            _synchronous(conn, "NORMAL")
             with _transaction(conn):
                 conn.execute(
                     "INSERT INTO events (at, box, name, outcome, code, bytes, sha256, peer, key)"
@@ -476,6 +480,11 @@ class StateDB:
                     "SELECT key, box, last_used FROM keys WHERE ? IS NULL OR box = ?"
                     " ORDER BY box, key", (box, box))
             ]
+
+
+def _synchronous(conn: sqlite3.Connection, level: str) -> None:
+    """Set PRAGMA synchronous (outside a transaction): FULL for the replay cache."""
+    conn.execute(f"PRAGMA synchronous = {level}")
 
 
 def _read_meta(conn: sqlite3.Connection) -> int:

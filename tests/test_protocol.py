@@ -133,7 +133,7 @@ def coalesce(events: Sequence[Any]) -> list[Any]:
     out: list[Any] = []
     for ev in events:
         if isinstance(ev, Data) and out and isinstance(out[-1], Data):
-            out[-1] = Data(out[-1].data + ev.data)
+            out[-1] = Data(bytes(out[-1].data) + bytes(ev.data))
         else:
             out.append(ev)
     return out

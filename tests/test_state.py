@@ -537,3 +537,20 @@ def test_read_only_status_as_root_leaves_no_root_owned_files(shared_tmp: Path,
     # ... so the service user can still write.
     assert run_as_nobody(lambda: StateDB(sdir, now=clock).log_event(
         box="vm1", name="b", outcome="stored", code=250))
+
+
+def test_replay_commits_are_full_even_after_delivery_log_rows(db: StateDB,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # The delivery log may relax durability (it fails open); the replay cache never does.
+    assert db.log_event(box="vm1", name="a", outcome="stored", code=250)
+    conn = db._conn
+    assert conn is not None
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL for the log
+    statements: list[str] = []
+    conn.set_trace_callback(statements.append)
+    db.check_replay("vm1", nonce(7), T0 + 10, WINDOW)
+    conn.set_trace_callback(None)
+    pragmas = [s for s in statements if re.match(r"PRAGMA synchronous", s, re.I)]
+    begin = next(i for i, s in enumerate(statements) if s.upper().startswith("BEGIN"))
+    assert pragmas and re.search(r"FULL", pragmas[-1], re.I)
+    assert statements.index(pragmas[-1]) < begin
