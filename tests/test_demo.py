@@ -31,3 +31,16 @@ def test_demo_stores_the_readme_with_a_verified_receipt() -> None:
 
     assert receipt["sha256"] == hashlib.sha256((CHECKOUT / "README.md").read_bytes()).hexdigest()
     assert "outcome=stored" in proc.stdout
+
+
+def test_installed_programs_print_the_protocol_version(e2e_venv: Path) -> None:
+    from e2e_support import venv_bin
+
+    for prog in ("rstash-send", "rstash-recv"):
+        proc = subprocess.run([venv_bin(e2e_venv, prog), "--version"], capture_output=True,
+                              text=True, timeout=60, check=False)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip().startswith(f"{prog} ") and "rstash/1" in proc.stdout
+    # The man pages are installed with the package.
+    for page in ("man1/rstash-send.1", "man5/rstash-recv.toml.5", "man7/rstash.7", "man8/rstash-recv.8"):
+        assert (e2e_venv / "share" / "man" / page).is_file(), page
