@@ -633,7 +633,8 @@ class Session:
         elif res.status == "exists" and self.opts.ignore_existing:
             line = f"exists {res.name} (ignored)"
         else:
-            line = f"refused {res.name}: {res.message}"
+            verb = "not stored" if res.code == Reply.ABORTED else "refused"
+            line = f"{verb} {res.name}: {res.message}"
         if not self.opts.json or not self.opts.quiet:
             sys.stderr.write(line + "\n")
 
@@ -742,7 +743,7 @@ def _one_session(opts: Any, dest: Dest, key: auth.Key, sources: list[Source],
                 assert sess.proto is not None
                 if not sess.proto.authenticated:
                     raise RemoteProtocolError("221 before 235")
-                print(f"{PROTOCOL} ok: {dest.scheme}://{dest.host}/{dest.box} key {key.fingerprint}")
+                print(f"{PROTOCOL} ok: {opts.dest} key {key.fingerprint}")
                 return Exit.OK
             for index, src in enumerate(sources):
                 try:
