@@ -253,12 +253,14 @@ def serve_stdio(cfg: Config, log: Logger, boxes: frozenset[str] | None) -> int:
     """One session on fd 0 (reads) and fd 1 (writes): inetd nowait, ssh, Accept=yes."""
     from .errors import Exit
     from .session import ServerSession
-    from .transport import FdStream, is_socket, peer_address
+    from .transport import FdStream, is_socket, peer_address, widen_pipe
 
     peer = peer_address(0)
     try:
         # A socket on fd 0 is the whole connection (inetd, systemd Accept=yes);
         # fd 1 may be a log file then. Pipes (ssh) read fd 0 and write fd 1.
+        if not is_socket(0):
+            widen_pipe(0)  # ssh: sshd writes the stream into this pipe
         stream = FdStream(0, 0 if is_socket(0) else 1)
         result = ServerSession(cfg, stream, log, peer=peer, allowed_boxes=boxes).run()
     except Exception as e:

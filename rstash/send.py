@@ -30,7 +30,7 @@ from .errors import (
     worst_exit,
 )
 from .names import is_box_name, name_problem
-from .transport import FdStream
+from .transport import FdStream, widen_pipe
 from .units import human_size
 
 CHUNK = 256 * 1024
@@ -214,6 +214,8 @@ def _spawn(argv: list[str], *, shell: bool = False, tail: list[str] | None = Non
 
         pump_thread = threading.Thread(target=pump, daemon=True)
         pump_thread.start()
+    widen_pipe(proc.stdin.fileno())
+    widen_pipe(proc.stdout.fileno())
     stream = FdStream(proc.stdout.fileno(), proc.stdin.fileno())
     conn = Connection(stream, [proc.stdin.close, proc.stdout.close], proc, tail)
     conn.stderr_pump = pump_thread

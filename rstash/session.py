@@ -32,6 +32,9 @@ from .log import Logger
 from .names import check_name
 from .transport import FdStream
 
+#: Files whose 250 lines may wait for one shared directory fsync.
+MAX_BATCH = 64
+
 #: A random key per process: an unknown box or key id still runs the full
 #: proof check, so that timing and replies cannot tell "no such box" from
 #: "wrong key" (rstash(7) RULES, rule 1).
@@ -91,6 +94,8 @@ class ServerSession:
         self.on_authenticated = on_authenticated
         #: the delivery log: None until first used, False when state_dir is unfit
         self._db: Any = None
+        #: files linked under their final names whose directory fsync and 250 are pending
+        self._linked: list[tuple[_FileState, str, protocol.End]] = []
 
     # -- I/O --
 
@@ -324,10 +329,12 @@ class ServerSession:
             elif isinstance(event, protocol.Abort):
                 self._on_abort()
             elif isinstance(event, protocol.Bye):
+                self._flush_linked()
                 self.send(protocol.bye_line(self.keys, event.count, self.result.stored))
                 self.result.outcome = "complete"
                 self._log_session("complete", Reply.BYE)
             elif isinstance(event, protocol.ConnectionClosed):
+                self._flush_linked()
                 if event.clean:
                     return
                 self._abort_current()
@@ -338,6 +345,11 @@ class ServerSession:
     # -- files --
 
     def _reply(self, st: _FileState, code: int, reason: str | None = None, **kw: Any) -> None:
+        # Replies go out in FILE order: earlier files' 250 lines first.
+        self._flush_linked()
+        self._send_receipt(st, code, reason, **kw)
+
+    def _send_receipt(self, st: _FileState, code: int, reason: str | None = None, **kw: Any) -> None:
         assert self.keys is not None
         st.replied = True
         self.send(protocol.receipt_line(self.keys, st.header.index, code, st.header.name,
@@ -393,7 +405,6 @@ class ServerSession:
             self._refuse(st, int(e.reply or Reply.LOCAL_ERROR), e.reason, e.detail)
 
     def _on_end(self, end: protocol.End) -> None:
-        from .hooks import Delivery
         from .store import Refused
 
         st = self._cur
@@ -403,7 +414,7 @@ class ServerSession:
         upload = st.upload
         st.upload = None
         try:
-            final = upload.commit()
+            final = upload.commit(sync_dir=False)
         except Refused as e:
             upload.abort()
             self._log_file(st, "temporary" if 400 <= int(e.reply or 451) < 500 else "refused",
@@ -415,18 +426,40 @@ class ServerSession:
             self._log_file(st, "error", Reply.LOCAL_ERROR, detail=e.strerror)
             self._reply(st, Reply.LOCAL_ERROR, "local error")
             return
-        self.result.stored += 1
-        digest = end.sha256.hex()
-        # Durable first (commit fsynced file and directory), then the 250 line.
-        self._reply(st, Reply.STORED, final_name=final.encode("utf-8"), n=end.n, sha256=end.sha256)
-        self._log_file(st, "stored", Reply.STORED, bytes_=end.n, sha256=digest, final=final)
+        # The 250 line waits for the directory fsync. When the client has pipelined
+        # more frames (many small files), one fsync covers a batch of them.
+        self._linked.append((st, final, end))
+        if not self.conn.buffered or len(self._linked) >= MAX_BATCH:
+            self._flush_linked()
+
+    def _flush_linked(self) -> None:
+        """fsync the box directory, then send the 250 lines of the files linked since."""
+        from .hooks import Delivery
+        from .store import Refused
+
+        batch, self._linked = self._linked, []
+        if not batch:
+            return
+        try:
+            self.store.sync_dir()
+        except Refused as e:
+            for st, _final, _end in batch:
+                self._log_file(st, "temporary", int(e.reply or 451), reason=e.reason, detail=e.detail or None)
+                self._send_receipt(st, int(e.reply or Reply.LOCAL_ERROR), e.reason)
+            return
         box = self.box
         assert box is not None
-        if box.on_receive:
-            self.hooks.submit(box.on_receive, Delivery(
-                box=box.name, name=final, requested_name=st.name,
-                path=str(box.path / final), size=end.n, sha256=digest,
-                client_mtime=st.header.mtime))
+        for st, final, end in batch:
+            self.result.stored += 1
+            digest = end.sha256.hex()
+            self._send_receipt(st, Reply.STORED, final_name=final.encode("utf-8"), n=end.n,
+                               sha256=end.sha256)
+            self._log_file(st, "stored", Reply.STORED, bytes_=end.n, sha256=digest, final=final)
+            if box.on_receive:
+                self.hooks.submit(box.on_receive, Delivery(
+                    box=box.name, name=final, requested_name=st.name,
+                    path=str(box.path / final), size=end.n, sha256=digest,
+                    client_mtime=st.header.mtime))
 
     def _on_abort(self) -> None:
         st = self._cur
@@ -441,6 +474,11 @@ class ServerSession:
             self._reply(st, Reply.ABORTED)
 
     def _abort_current(self) -> None:
+        # Files already linked are stored: make their names durable and say so first.
+        try:
+            self._flush_linked()
+        except (RstashError, OSError):
+            pass
         st = getattr(self, "_cur", None)
         if st is not None and st.upload is not None:
             try:

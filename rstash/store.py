@@ -366,6 +366,16 @@ class BoxStore:
         except OSError:
             pass  # a temp left behind is swept later; never mask the first error
 
+    def sync_dir(self) -> None:
+        """fsync the box directory: the names linked so far are durable after it."""
+        try:
+            self._sync_dir()
+        except OSError as exc:
+            # The files are whole under their final names but the entries may not
+            # be durable: no 250. Unlinking could destroy a file a replace already
+            # swapped out, so they stay.
+            raise _from_oserror("fsync box", exc) from exc
+
     def _sync_dir(self) -> None:
         os.fsync(self.dir_fd)
 
@@ -447,12 +457,13 @@ class Upload:
             self.abort()
             raise
 
-    def commit(self) -> str:
+    def commit(self, *, sync_dir: bool = True) -> str:
         """Make the file durable under its final name; return that name.
 
         Order: fsync(temp) < fchmod < link/rename < fsync(dir). The caller sends
-        the 250 line only after this returns. Raises :class:`Refused` or
-        :class:`SizeMismatch`.
+        the 250 line only after this returns, or, with ``sync_dir=False`` (a batch
+        of files pipelined by one client), only after :meth:`BoxStore.sync_dir`.
+        Raises :class:`Refused` or :class:`SizeMismatch`.
         """
         self._require_open()
         store = self.store
@@ -475,13 +486,8 @@ class Upload:
                 final = self._link_first_free()
                 # The final name holds the inode now; the temp link is redundant.
                 store._unlink_quietly(self.temp_name)
-            try:
-                store._sync_dir()
-            except OSError as exc:
-                # The file is whole under its final name but its entry may not be
-                # durable: no 250. Unlinking it could destroy a file a replace
-                # already swapped out, so it stays.
-                raise _from_oserror("fsync box", exc) from exc
+            if sync_dir:
+                store.sync_dir()
         except BaseException:
             self.abort()
             raise

@@ -1008,6 +1008,38 @@ def test_strace_shows_fsync_temp_then_link_then_fsync_dir_then_250(rig: Rig, pol
     assert box.files() == {"durable.txt": b"durable\n"}
 
 
+def test_pipelined_files_share_a_directory_fsync_that_precedes_every_250(rig: Rig) -> None:
+    strace = need_program("strace")
+    box = make_box(rig.dir, "vm1")
+    conf = rig.config([box])
+    trace = rig.dir / "strace.txt"
+    s = rig.piped(conf, prefix=[strace, "-f", "-y", "-s", "200", "-o", str(trace), "-e",
+                                "trace=fsync,link,linkat,write"])
+    conn = login(s.wire, box.key, "vm1")
+    n = 30
+    # One write: every frame is already buffered when the server reads the first END.
+    s.wire.send(b"".join(conn.file(f"f{i:02}".encode(), 3, 0) + conn.data(b"abc") + conn.end()
+                         for i in range(n)) + conn.bye())
+    s.wire.close_write()
+    receipts = [event(s.wire, conn) for _ in range(n)]
+    assert all(isinstance(r, protocol.Receipt) and r.ok for r in receipts), receipts
+    assert [r.index for r in receipts if isinstance(r, protocol.Receipt)] == list(range(n))
+    assert isinstance(event(s.wire, conn), protocol.Done)
+    assert s.wait(30) == 0, s.stderr()
+    lines = trace.read_text(errors="replace").splitlines()
+    box_dir = re.escape(str(box.path))
+    dir_syncs = [i for i, ln in enumerate(lines) if re.search(rf"\bfsync\(\d+<{box_dir}>\)", ln)]
+    assert dir_syncs
+    for i in range(n):
+        name = f"f{i:02}"
+        link = next(k for k, ln in enumerate(lines) if re.search(rf'\blink(at)?\(.*"{name}"', ln))
+        reply = next(k for k, ln in enumerate(lines) if re.search(rf'\bwrite\(1<[^>]*>, "250 stored 3 .* {name} ', ln))
+        # Durable before acknowledged: a directory fsync between this file's link and its 250.
+        assert any(link < d < reply for d in dir_syncs), (name, link, reply, dir_syncs)
+    assert len(dir_syncs) < n  # the batch shared its fsyncs
+    assert set(box.files()) == {f"f{i:02}" for i in range(n)}
+
+
 # --------------------------------------------------------------------------- hooks
 
 
