@@ -211,6 +211,9 @@ def _gen_key(target: str, comment: str) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # No third-party pydantic plugins (entry points of whatever else is installed)
+    # run inside a serving process; skipping their scan also shortens start-up.
+    os.environ["PYDANTIC_DISABLE_PLUGINS"] = "__all__"
     from .config import load_config
     from .errors import Exit
     from .log import Logger
