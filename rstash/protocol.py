@@ -422,11 +422,6 @@ class ServerConnection:
         return self._keys
 
     @property
-    def buffered(self) -> bool:
-        """Bytes already received and not yet turned into events (a pipelining peer)."""
-        return len(self._buf) > 0
-
-    @property
     def files_seen(self) -> int:
         return self._next_index
 

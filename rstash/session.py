@@ -94,8 +94,8 @@ class ServerSession:
         self.on_authenticated = on_authenticated
         #: the delivery log: None until first used, False when state_dir is unfit
         self._db: Any = None
-        #: files linked under their final names whose directory fsync and 250 are pending
-        self._linked: list[tuple[_FileState, str, protocol.End]] = []
+        #: verified files (END checked) whose commit, directory fsync and reply are pending
+        self._ended: list[tuple[_FileState, Any, protocol.End]] = []
 
     # -- I/O --
 
@@ -113,6 +113,9 @@ class ServerSession:
             event = self.conn.next_event()
             if event is not protocol.NEED_DATA:
                 return event
+            if self._ended:
+                # Nothing more is buffered: reply to what is verified before waiting.
+                self._flush_ended()
             self.conn.receive_data(self.stream.read(self._deadline()))
 
     # -- the session --
@@ -329,12 +332,12 @@ class ServerSession:
             elif isinstance(event, protocol.Abort):
                 self._on_abort()
             elif isinstance(event, protocol.Bye):
-                self._flush_linked()
+                self._flush_ended()
                 self.send(protocol.bye_line(self.keys, event.count, self.result.stored))
                 self.result.outcome = "complete"
                 self._log_session("complete", Reply.BYE)
             elif isinstance(event, protocol.ConnectionClosed):
-                self._flush_linked()
+                self._flush_ended()
                 if event.clean:
                     return
                 self._abort_current()
@@ -346,7 +349,7 @@ class ServerSession:
 
     def _reply(self, st: _FileState, code: int, reason: str | None = None, **kw: Any) -> None:
         # Replies go out in FILE order: earlier files' 250 lines first.
-        self._flush_linked()
+        self._flush_ended()
         self._send_receipt(st, code, reason, **kw)
 
     def _send_receipt(self, st: _FileState, code: int, reason: str | None = None, **kw: Any) -> None:
@@ -405,51 +408,52 @@ class ServerSession:
             self._refuse(st, int(e.reply or Reply.LOCAL_ERROR), e.reason, e.detail)
 
     def _on_end(self, end: protocol.End) -> None:
-        from .store import Refused
-
         st = self._cur
         self._cur = None
         if st is None or st.upload is None:
             return
         upload = st.upload
         st.upload = None
-        try:
-            final = upload.commit(sync_dir=False)
-        except Refused as e:
-            upload.abort()
-            self._log_file(st, "temporary" if 400 <= int(e.reply or 451) < 500 else "refused",
-                           int(e.reply or 451), reason=e.reason, detail=e.detail or None)
-            self._reply(st, int(e.reply or Reply.LOCAL_ERROR), e.reason)
-            return
-        except OSError as e:
-            upload.abort()
-            self._log_file(st, "error", Reply.LOCAL_ERROR, detail=e.strerror)
-            self._reply(st, Reply.LOCAL_ERROR, "local error")
-            return
-        # The 250 line waits for the directory fsync. When the client has pipelined
-        # more frames (many small files), one fsync covers a batch of them.
-        self._linked.append((st, final, end))
-        if not self.conn.buffered or len(self._linked) >= MAX_BATCH:
-            self._flush_linked()
+        # The file is verified; it is committed with the files the client has already
+        # pipelined behind it (many small files), so that their fsyncs come back to
+        # back and one directory fsync covers them all, before any of their 250 lines.
+        self._ended.append((st, upload, end))
+        if len(self._ended) >= MAX_BATCH:
+            self._flush_ended()
 
-    def _flush_linked(self) -> None:
-        """fsync the box directory, then send the 250 lines of the files linked since."""
+    def _flush_ended(self) -> None:
+        """Commit the verified files, fsync the box directory, then send their replies in order."""
         from .hooks import Delivery
         from .store import Refused
 
-        batch, self._linked = self._linked, []
+        batch, self._ended = self._ended, []
         if not batch:
             return
-        try:
-            self.store.sync_dir()
-        except Refused as e:
-            for st, _final, _end in batch:
-                self._log_file(st, "temporary", int(e.reply or 451), reason=e.reason, detail=e.detail or None)
-                self._send_receipt(st, int(e.reply or Reply.LOCAL_ERROR), e.reason)
-            return
+        done: list[tuple[_FileState, protocol.End, str | None, Refused | None]] = []
+        for st, upload, end in batch:
+            try:
+                done.append((st, end, upload.commit(sync_dir=False), None))
+            except Refused as e:
+                upload.abort()
+                done.append((st, end, None, e))
+            except OSError as e:
+                upload.abort()
+                done.append((st, end, None, Refused(Reply.LOCAL_ERROR, "local error", e.strerror or str(e))))
+        if any(final is not None for _st, _end, final, _e in done):
+            try:
+                self.store.sync_dir()
+            except Refused as e:
+                done = [(st, end, None, e if final is not None else err) for st, end, final, err in done]
         box = self.box
         assert box is not None
-        for st, final, end in batch:
+        for st, end, final, err in done:
+            if err is not None or final is None:
+                assert err is not None
+                code = int(err.reply or Reply.LOCAL_ERROR)
+                self._log_file(st, "temporary" if 400 <= code < 500 else "refused", code,
+                               reason=err.reason, detail=err.detail or None)
+                self._send_receipt(st, code, err.reason)
+                continue
             self.result.stored += 1
             digest = end.sha256.hex()
             self._send_receipt(st, Reply.STORED, final_name=final.encode("utf-8"), n=end.n,
@@ -474,9 +478,9 @@ class ServerSession:
             self._reply(st, Reply.ABORTED)
 
     def _abort_current(self) -> None:
-        # Files already linked are stored: make their names durable and say so first.
+        # Verified files are stored: commit them, make their names durable, say so first.
         try:
-            self._flush_linked()
+            self._flush_ended()
         except (RstashError, OSError):
             pass
         st = getattr(self, "_cur", None)
