@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from typing import Any, TextIO
@@ -21,7 +22,7 @@ FIELDS = ("event", "box", "name", "final", "bytes", "sha256", "peer", "key", "ou
 PEER_CUT = 300
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 _SYSLOG_PRIO = {"debug": 7, "info": 6, "warning": 4, "error": 3}
-_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-:/+@,=~")
+_SAFE = re.compile(r"[A-Za-z0-9._\-:/+@,=~]+")
 
 
 def quote(value: object) -> str:
@@ -36,7 +37,7 @@ def quote(value: object) -> str:
     raw = text.encode("utf-8", "backslashreplace")
     if len(raw) > PEER_CUT:
         text = raw[:PEER_CUT].decode("utf-8", "ignore") + "…"
-    if text and all(c in _SAFE for c in text):
+    if _SAFE.fullmatch(text):
         return text
     return json.dumps(text, ensure_ascii=True)
 

@@ -45,6 +45,8 @@ MODE_PIPE = 2
 FLAG_DRY_RUN = 1
 EXT_SERVER_ID = 1
 MAX_LINE = 1024
+#: What a reply line may hold: printable ASCII.
+_PRINTABLE = re.compile(rb"[\x20-\x7e]*")
 MAX_DATA = 1 << 20
 #: The greeting's fixed prefix; the challenge follows it.
 GREETING_PREFIX = "220 rstash/1 methods=hmac-sha256 challenge="
@@ -586,7 +588,7 @@ ECHO_LIMIT = 255
 
 def line(text: str) -> bytes:
     data = text.encode("ascii") + b"\r\n"
-    if len(data) > MAX_LINE or not all(0x20 <= b < 0x7F for b in data[:-2]):
+    if len(data) > MAX_LINE or not _PRINTABLE.fullmatch(data, 0, len(data) - 2):
         raise LocalProtocolError("reply line too long or not printable")
     return data
 
@@ -876,7 +878,7 @@ class ClientConnection:
         del self._buf[:nl + 1]
         if raw.endswith(b"\r"):
             raw = raw[:-1]
-        if not all(0x20 <= b < 0x7F for b in raw):
+        if not _PRINTABLE.fullmatch(raw):
             raise RemoteProtocolError(f"not an rstash reply: {_quote(raw)}")
         text = raw.decode("ascii")
         m = _LINE_RE.match(text)
