@@ -446,24 +446,37 @@ class ServerSession:
                 done = [(st, end, None, e if final is not None else err) for st, end, final, err in done]
         box = self.box
         assert box is not None
+        # Every file of the batch is logged (and its hook queued) even when the client
+        # is gone before all its lines are out: the files are stored either way.
+        lost: RstashError | None = None
+
+        def say(st: _FileState, code: int, reason: str | None = None, **kw: Any) -> None:
+            nonlocal lost
+            if lost is None:
+                try:
+                    self._send_receipt(st, code, reason, **kw)
+                except RstashError as e:
+                    lost = e
+
         for st, end, final, err in done:
             if err is not None or final is None:
                 assert err is not None
                 code = int(err.reply or Reply.LOCAL_ERROR)
                 self._log_file(st, "temporary" if 400 <= code < 500 else "refused", code,
                                reason=err.reason, detail=err.detail or None)
-                self._send_receipt(st, code, err.reason)
+                say(st, code, err.reason)
                 continue
             self.result.stored += 1
             digest = end.sha256.hex()
-            self._send_receipt(st, Reply.STORED, final_name=final.encode("utf-8"), n=end.n,
-                               sha256=end.sha256)
+            say(st, Reply.STORED, final_name=final.encode("utf-8"), n=end.n, sha256=end.sha256)
             self._log_file(st, "stored", Reply.STORED, bytes_=end.n, sha256=digest, final=final)
             if box.on_receive:
                 self.hooks.submit(box.on_receive, Delivery(
                     box=box.name, name=final, requested_name=st.name,
                     path=str(box.path / final), size=end.n, sha256=digest,
                     client_mtime=st.header.mtime))
+        if lost is not None:
+            raise lost
 
     def _on_abort(self) -> None:
         st = self._cur
