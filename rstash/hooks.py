@@ -107,7 +107,7 @@ def run_hook(template: tuple[str, ...] | list[str], d: Delivery, timeout: float,
     else:
         fields["outcome"] = "ok" if rc == 0 else "failed"
     if out:
-        fields["detail"] = bytes(out)
+        fields["output"] = bytes(out)
     (log.info if rc == 0 and not killed else log.warning)(**fields)
     return rc
 

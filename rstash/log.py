@@ -18,14 +18,16 @@ from typing import Any, TextIO
 
 #: The vocabulary shared with reply codes and JSON receipts (rstash-recv(8) LOGGING).
 FIELDS = ("event", "box", "name", "final", "bytes", "sha256", "peer", "key", "outcome", "code",
-          "dur", "mode", "reason", "detail")
+          "dur", "mode", "reason", "detail", "output")
 PEER_CUT = 300
+#: A hook's output (field ``output``) is kept up to 4 KiB.
+OUTPUT_CUT = 4096
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 _SYSLOG_PRIO = {"debug": 7, "info": 6, "warning": 4, "error": 3}
 _SAFE = re.compile(r"[A-Za-z0-9._\-:/+@,=~]+")
 
 
-def quote(value: object) -> str:
+def quote(value: object, limit: int = PEER_CUT) -> str:
     """One field value: bare when it is safe, else JSON-escaped (ASCII only) and cut."""
     if isinstance(value, bool):
         return "yes" if value else "no"
@@ -35,15 +37,16 @@ def quote(value: object) -> str:
         value = value.decode("utf-8", "backslashreplace")
     text = str(value)
     raw = text.encode("utf-8", "backslashreplace")
-    if len(raw) > PEER_CUT:
-        text = raw[:PEER_CUT].decode("utf-8", "ignore") + "…"
+    if len(raw) > limit:
+        text = raw[:limit].decode("utf-8", "ignore") + "…"
     if _SAFE.fullmatch(text):
         return text
     return json.dumps(text, ensure_ascii=True)
 
 
 def format_fields(fields: dict[str, Any]) -> str:
-    return " ".join(f"{k}={quote(v)}" for k, v in fields.items() if v is not None)
+    return " ".join(f"{k}={quote(v, OUTPUT_CUT if k == 'output' else PEER_CUT)}"
+                    for k, v in fields.items() if v is not None)
 
 
 class Logger:

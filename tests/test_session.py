@@ -7,6 +7,7 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,106 @@ on_receive = ["/bin/sh", "-c", "echo \\"$RSTASH_NAME\\" >> {hooked}"]
     text = log.read_text()
     assert text.count("outcome=stored") == len(names), text
     assert sorted(hooked.read_text().split()) == names
+
+
+# --- an in-process rig: one session over a socketpair ---------------------------------
+
+
+def _site(tmp_path: Path, **box: str) -> tuple[auth.Key, Path, Path]:
+    """A box vm1 with a fresh key; returns (key, config path, log path)."""
+    (tmp_path / "box").mkdir(mode=0o750)
+    (tmp_path / "state").mkdir(mode=0o700)
+    key = secrets.token_bytes(32)
+    (tmp_path / "vm1.key").write_text(auth.format_key(key, "vm1"))
+    os.chmod(tmp_path / "vm1.key", 0o600)
+    extra = "".join(f"{k} = {v}\n" for k, v in box.items())
+    (tmp_path / "recv.toml").write_text(
+        f'state_dir = "{tmp_path / "state"}"\nlog = "{tmp_path / "recv.log"}"\nhook_timeout = 10\n'
+        f'[box.vm1]\npath = "{tmp_path / "box"}"\nkeys = ["{tmp_path / "vm1.key"}"]\n{extra}')
+    return auth.Key(key), tmp_path / "recv.toml", tmp_path / "recv.log"
+
+
+def _run(conf: Path, log: Path, client: Callable[[bytes], bytes]) -> list[bytes]:
+    """One session: ``client`` gets the greeting line and returns everything it sends
+    (then it closes its side); returns the server's lines."""
+    srv, cli = socket.socketpair()
+    session = ServerSession(load_config(conf), FdStream(srv.fileno()), Logger(str(log)),
+                            peer="192.0.2.1")
+
+    def serve() -> None:
+        try:
+            session.run()
+        finally:
+            srv.shutdown(socket.SHUT_RDWR)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    cli.settimeout(30)
+    rf = cli.makefile("rb")
+    greeting = rf.readline()
+    cli.sendall(client(greeting))
+    cli.shutdown(socket.SHUT_WR)
+    rest = rf.read()
+    t.join(30)
+    rf.close()
+    cli.close()
+    srv.close()
+    return (greeting + rest).splitlines()
+
+
+def _interactive(key: auth.Key, body: Callable[[protocol.ClientConnection], bytes]) -> Callable[[bytes], bytes]:
+    def client(greeting: bytes) -> bytes:
+        c = protocol.ClientConnection(key, "vm1")
+        c.receive_data(greeting)
+        assert isinstance(c.next_event(), protocol.Greeting)
+        return c.hello(secrets.token_bytes(32), int(time.time())) + body(c)
+    return client
+
+
+def _files(c: protocol.ClientConnection, names: list[str]) -> bytes:
+    return b"".join(c.file(n.encode(), 2, 0) + c.data(b"ok") + c.end() for n in names)
+
+
+def test_unknown_hello_extensions_are_ignored_but_bound_by_the_proof(tmp_path: Path) -> None:
+    key, conf, log = _site(tmp_path)
+
+    def pipe_hello(*, strip: bool) -> Callable[[bytes], bytes]:
+        def client(_greeting: bytes) -> bytes:
+            fields = {"mode": protocol.MODE_PIPE, "box": b"vm1", "key_id": key.key_id,
+                      "nonce": secrets.token_bytes(32), "time": int(time.time())}
+            signed = protocol.hello_without_proof(**fields, ext={9: b"a future extension"})
+            proof = auth.session_keys(key, b"", signed).proof
+            if strip:  # an on-path attacker removes the extension the client signed
+                signed = protocol.hello_without_proof(**fields, ext={})
+            return protocol.frame(protocol.FrameType.HELLO, signed + proof)
+        return client
+
+    # The box refuses pipe mode: 530 is only ever said after a verified proof.
+    assert _run(conf, log, pipe_hello(strip=False))[1] == b"530 pipe mode off"
+    assert _run(conf, log, pipe_hello(strip=True))[1] == b"535 authentication failed"
+
+
+def test_the_log_says_complete_only_after_a_verified_bye(tmp_path: Path) -> None:
+    key, conf, log = _site(tmp_path)
+    lines = _run(conf, log, _interactive(key, lambda c: _files(c, ["a", "b"]) + c.bye()))
+    assert lines[-1].startswith(b"221 bye 2 ")
+    assert 'outcome="complete 2"' in log.read_text()
+    _run(conf, log, _interactive(key, lambda c: _files(c, ["c", "d"])))  # no BYE
+    text = log.read_text()
+    assert 'outcome="truncated after 2"' in text
+    assert text.count('outcome="complete') == 1
+
+
+def test_hook_output_reaches_the_log_escaped_on_one_line_and_cut_at_4_kib(tmp_path: Path) -> None:
+    script = tmp_path / "noisy"
+    script.write_text("#!/bin/sh\nprintf 'line one\\nfake=field \\033[31m'\n"
+                      "head -c 20000 /dev/zero | tr '\\0' x\n")
+    script.chmod(0o755)
+    key, conf, log = _site(tmp_path, on_receive=f'["{script}"]')
+    _run(conf, log, _interactive(key, lambda c: _files(c, ["x"]) + c.bye()))
+    hook_lines = [ln for ln in log.read_text().splitlines() if "event=hook" in ln]
+    assert len(hook_lines) == 1, hook_lines
+    line = hook_lines[0]
+    assert "\x1b" not in line and "\\u001b" in line  # escaped, never raw
+    assert " fake=field" not in line  # the hook cannot forge a field
+    assert 4000 <= line.count("x") <= 4096  # its output is kept up to 4 KiB
