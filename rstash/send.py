@@ -72,18 +72,21 @@ def _parser() -> Any:
                    help="remote command for ssh:// (default rstash-recv)")
     p.add_argument("--subsystem", action="store_true", help='request the sshd subsystem "rstash"')
     p.add_argument("--proxy-command", metavar="CMD", help="reach rstash:// through CMD (%%h %%p)")
-    p.add_argument("--connect-timeout", type=float, default=30.0, metavar="S")
-    p.add_argument("--timeout", type=float, default=120.0, metavar="S", help="idle limit")
+    p.add_argument("--connect-timeout", type=float, default=30.0, metavar="S",
+                   help="limit for connecting and the greeting (default 30)")
+    p.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                   help="limit for any one read or write (default 120)")
     p.add_argument("--busy-wait", type=float, default=120.0, metavar="S",
                    help="retry '421 busy' for up to S seconds (default 120)")
     p.add_argument("--bwlimit", metavar="RATE", help="bytes per second, e.g. 20MiB")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--progress", dest="progress", action="store_true", default=None)
-    g.add_argument("--no-progress", dest="progress", action="store_false")
-    p.add_argument("-q", "--quiet", action="store_true")
-    p.add_argument("-v", "--verbose", action="store_true")
-    p.add_argument("--server-id", metavar="ID")
-    p.add_argument("-V", "--version", action="store_true")
+    g.add_argument("--progress", dest="progress", action="store_true", default=None,
+                   help="a progress bar on stderr (default: when stderr is a terminal)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true", help="no line for a stored file")
+    p.add_argument("-v", "--verbose", action="store_true", help="say more (retries)")
+    p.add_argument("--server-id", metavar="ID", help="must match the server's server_id")
+    p.add_argument("-V", "--version", action="store_true", help="print program and protocol version")
     return p
 
 
