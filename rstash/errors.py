@@ -91,6 +91,19 @@ class Reply(IntEnum):
     INTEGRITY = 554
 
 
+def outcome_of(code: int, *, dry_run: bool = False) -> str:
+    """The word for a per-file reply code, shared by the log, --status and --json:
+    stored, would_store, exists, refused (for good), temporary (4xx) or error (426:
+    the client itself gave the file up)."""
+    if code == Reply.STORED:
+        return "would_store" if dry_run else "stored"
+    if code == Reply.EXISTS:
+        return "exists"
+    if code == Reply.ABORTED:
+        return "error"
+    return "temporary" if 400 <= code < 500 else "refused"
+
+
 class RstashError(Exception):
     """Base of every error rstash reports to a user. Its message is one line."""
 
@@ -134,12 +147,6 @@ class KeyFileError(RstashError):
 
     exit_status = Exit.LOCAL
 
-
-class NameError_(RstashError):
-    """A file name breaks a name rule (rstash(7) NAMES)."""
-
-    exit_status = Exit.LOCAL
-    reply = Reply.NAME_NOT_ALLOWED
 
 
 class ProtocolError(RstashError):

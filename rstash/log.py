@@ -16,9 +16,6 @@ import sys
 import time
 from typing import Any, TextIO
 
-#: The vocabulary shared with reply codes and JSON receipts (rstash-recv(8) LOGGING).
-FIELDS = ("event", "box", "name", "final", "bytes", "sha256", "peer", "key", "outcome", "code",
-          "dur", "mode", "reason", "detail", "output")
 PEER_CUT = 300
 #: A hook's output (field ``output``) is kept up to 4 KiB.
 OUTPUT_CUT = 4096

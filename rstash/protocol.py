@@ -952,10 +952,6 @@ class ClientConnection:
             reason = "would store"
         return Receipt(pending.index, code, reason, pending.name, pending.name, 0, "", pending.dry_run)
 
-    @property
-    def pending_count(self) -> int:
-        return len(self._pending)
-
 
 def _parse_greeting(text: str) -> bytes:
     """The challenge of a ``220 rstash/1 …`` greeting that offers hmac-sha256."""

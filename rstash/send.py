@@ -27,10 +27,11 @@ from .errors import (
     RstashError,
     TransportError,
     UsageError,
+    outcome_of,
     worst_exit,
 )
 from .names import is_box_name, name_problem
-from .transport import FdStream, widen_pipe
+from .transport import FdStream, PeerClosed, widen_pipe
 from .units import human_size
 
 CHUNK = 256 * 1024
@@ -365,18 +366,6 @@ class Result:
         return Exit.LOCAL
 
 
-def status_of(code: int, dry_run: bool) -> str:
-    if code == Reply.STORED:
-        return "would_store" if dry_run else "stored"
-    if code == Reply.EXISTS:
-        return "exists"
-    if 400 <= code < 500 and code != Reply.ABORTED:
-        return "temporary"
-    if code == Reply.ABORTED:
-        return "error"
-    return "refused"
-
-
 # --- the session ------------------------------------------------------------------
 
 
@@ -432,7 +421,7 @@ class Session:
             src = self.sources.get(ev.index)
             res = self.results[ev.index]
             res.code = ev.code
-            res.status = status_of(ev.code, ev.dry_run)
+            res.status = outcome_of(ev.code, dry_run=ev.dry_run)
             res.final_name = ev.final_name.decode("utf-8", "replace")
             if ev.code == Reply.STORED and not ev.dry_run:
                 res.bytes, res.sha256 = ev.size, ev.sha256
@@ -473,34 +462,13 @@ class Session:
     def write(self, data: bytes | memoryview) -> None:
         """Write everything, reading replies whenever the server has some (no deadlock)."""
         assert self.conn is not None
-        stream = self.conn.stream
-        view = memoryview(data)
-        deadline = self._deadline()
-        while view:
-            try:
-                n = os.write(stream.wfd, view)
-            except BlockingIOError:
-                p = select.poll()
-                if stream.rfd == stream.wfd:
-                    # A socket: registering the fd twice would replace its mask.
-                    p.register(stream.wfd, select.POLLOUT | select.POLLIN)
-                else:
-                    p.register(stream.wfd, select.POLLOUT)
-                    p.register(stream.rfd, select.POLLIN)
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise PeerTimeout("timed out writing to the server") from None
-                for fd, ev in p.poll(left * 1000):
-                    if fd == stream.rfd and ev & (select.POLLIN | select.POLLHUP):
-                        self._pump(0)
-                        deadline = self._deadline()
-                continue
-            except (BrokenPipeError, ConnectionResetError):
-                # The server closed: its last lines say why.
-                self._drain()
-                raise TransportError(self._closed_message()) from None
-            view = view[n:]
-            deadline = self._deadline()
+        try:
+            self.conn.stream.write(data, self._deadline(), idle=float(self.opts.timeout),
+                                   on_readable=lambda: self._pump(0))
+        except PeerClosed:
+            # The server closed: its last lines say why.
+            self._drain()
+            raise TransportError(self._closed_message()) from None
 
     def _drain(self) -> None:
         try:

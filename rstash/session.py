@@ -27,6 +27,7 @@ from .errors import (
     Reply,
     RstashError,
     TransportError,
+    outcome_of,
 )
 from .log import Logger
 from .names import check_name
@@ -361,8 +362,7 @@ class ServerSession:
     def _refuse(self, st: _FileState, code: int, reason: str, detail: str = "") -> None:
         if not st.header.dry_run:
             self.conn.discard_current()
-        outcome = "exists" if code == Reply.EXISTS else "temporary" if 400 <= code < 500 else "refused"
-        self._log_file(st, outcome, code, reason=reason, detail=detail or None)
+        self._log_file(st, outcome_of(code), code, reason=reason, detail=detail or None)
         self._reply(st, code, reason)
 
     def _on_file(self, hdr: protocol.FileHeader) -> _FileState:
@@ -462,8 +462,7 @@ class ServerSession:
             if err is not None or final is None:
                 assert err is not None
                 code = int(err.reply or Reply.LOCAL_ERROR)
-                self._log_file(st, "temporary" if 400 <= code < 500 else "refused", code,
-                               reason=err.reason, detail=err.detail or None)
+                self._log_file(st, outcome_of(code), code, reason=err.reason, detail=err.detail or None)
                 say(st, code, err.reason)
                 continue
             self.result.stored += 1

@@ -11,9 +11,14 @@ import os
 import select
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable
 
 from .errors import PeerTimeout, TransportError
+
+
+class PeerClosed(TransportError):
+    """The peer closed the connection while we were writing."""
+
 
 READ_SIZE = 256 * 1024
 
@@ -64,34 +69,42 @@ class FdStream:
         p.register(self.rfd, select.POLLIN)
         return bool(p.poll(max(0.0, timeout) * 1000))
 
-    def write(self, data: bytes | memoryview, deadline: float) -> None:
+    def write(self, data: bytes | memoryview, deadline: float, *, idle: float | None = None,
+              on_readable: Callable[[], None] | None = None) -> None:
+        """Write all of ``data`` by ``deadline`` (pushed ``idle`` seconds past each bit of
+        progress when given). While the peer cannot take more, ``on_readable`` is called
+        whenever it has something to say: a peer blocked on its own writes to us would
+        otherwise never read again."""
         view = memoryview(data)
+        p = select.poll()
+        if on_readable is not None and self.rfd == self.wfd:
+            # A socket: registering one fd twice would replace its mask, not add to it.
+            p.register(self.wfd, select.POLLOUT | select.POLLIN)
+        else:
+            p.register(self.wfd, select.POLLOUT)
+            if on_readable is not None:
+                p.register(self.rfd, select.POLLIN)
         while view:
             try:
                 n = os.write(self.wfd, view)
             except BlockingIOError:
-                self._wait(self.wfd, select.POLLOUT, deadline, "write")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise PeerTimeout("timed out waiting to write") from None
+                for fd, ev in p.poll(left * 1000):
+                    if on_readable is not None and fd == self.rfd and ev & (select.POLLIN | select.POLLHUP):
+                        on_readable()
+                        if idle is not None:
+                            deadline = time.monotonic() + idle
                 continue
             except (BrokenPipeError, ConnectionResetError):
-                raise TransportError("connection closed by peer") from None
+                raise PeerClosed("connection closed by peer") from None
             except OSError as e:
                 raise TransportError(f"write failed: {e.strerror}") from None
             self.bytes_out += n
             view = view[n:]
-
-    def writev(self, parts: Sequence[bytes | memoryview], deadline: float) -> None:
-        for part in parts:
-            if part:
-                self.write(part, deadline)
-
-    def shutdown_write(self) -> None:
-        try:
-            if self.wfd == self.rfd:
-                socket.socket(fileno=os.dup(self.wfd)).shutdown(socket.SHUT_WR)
-            else:
-                os.close(self.wfd)
-        except OSError:
-            pass
+            if idle is not None:
+                deadline = time.monotonic() + idle
 
 
 PIPE_SIZE = 1 << 20
@@ -111,10 +124,6 @@ def widen_pipe(fd: int) -> None:
             fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_SIZE)
     except OSError:
         pass
-
-
-def deadline_after(seconds: float) -> float:
-    return time.monotonic() + seconds
 
 
 def peer_address(fd: int = 0) -> str | None:

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from rstash import send
-from rstash.errors import Exit, UsageError, worst_exit
-from rstash.send import Dest, Result, parse_dest, ssh_argv, status_of
+from rstash.errors import Exit, UsageError, outcome_of, worst_exit
+from rstash.send import Dest, Result, parse_dest, ssh_argv
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 KEY_HEX = "00" * 31 + "01"
@@ -386,7 +386,7 @@ def test_session_failures_outrank_every_per_file_status() -> None:
     (452, False, "temporary"), (451, False, "temporary"), (426, False, "error"),
 ])
 def test_reply_codes_map_to_json_statuses(code: int, dry: bool, status: str) -> None:
-    assert status_of(code, dry) == status
+    assert outcome_of(code, dry_run=dry) == status
 
 
 @pytest.mark.parametrize(("status", "ignore", "want"), [
