@@ -213,8 +213,11 @@ class ServerSession:
         self.send(protocol.auth_ok_line(keys))
         if self.on_authenticated is not None:
             self.on_authenticated()
+        # An interactive session's time is not checked (its proof binds our challenge);
+        # it is logged, so a client with a wrong clock can be found.
         self.log.info(event="session", box=box.name, peer=self.peer, key=key.log_name(),
-                      mode=self.mode, outcome="authenticated", code=Reply.AUTH_OK)
+                      mode=self.mode, outcome="authenticated", code=Reply.AUTH_OK,
+                      client_time=hello.time)
         return True
 
     def _load_keys(self) -> None:

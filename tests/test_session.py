@@ -176,3 +176,17 @@ def test_hook_output_reaches_the_log_escaped_on_one_line_and_cut_at_4_kib(tmp_pa
     assert "\x1b" not in line and "\\u001b" in line  # escaped, never raw
     assert " fake=field" not in line  # the hook cannot forge a field
     assert 4000 <= line.count("x") <= 4096  # its output is kept up to 4 KiB
+
+
+def test_an_interactive_session_does_not_check_the_clients_time_but_logs_it(tmp_path: Path) -> None:
+    key, conf, log = _site(tmp_path)
+
+    def client(greeting: bytes) -> bytes:
+        c = protocol.ClientConnection(key, "vm1")
+        c.receive_data(greeting)
+        c.next_event()
+        return c.hello(secrets.token_bytes(32), 12345) + _files(c, ["late"]) + c.bye()
+
+    lines = _run(conf, log, client)
+    assert lines[1].startswith(b"235 ok ") and lines[2].startswith(b"250 stored 2 ")
+    assert "client_time=12345" in log.read_text()
