@@ -529,8 +529,10 @@ def status(path: str, box: str | None, *, as_json: bool, stale_after: str | None
         for problem in e.problems:
             _err(problem)
         return Exit.REFUSED
+    state = StateDB(cfg.state_dir, readonly=True)
     try:
-        db = StateDB(cfg.state_dir, readonly=True).status(box)
+        db = state.status(box)
+        has_log = state.log_exists()
     except RstashError as e:
         _err(e.message)
         return Exit.REFUSED
@@ -549,6 +551,7 @@ def status(path: str, box: str | None, *, as_json: bool, stale_after: str | None
         "since": _iso(float(db["since"])),
         "stale_after": limit,
         "ok": not any(b["stale"] for b in boxes),
+        "delivery_log": has_log,
         "boxes": boxes,
         "keys": keys,
     }
@@ -629,6 +632,8 @@ def _key_status(cfg: Config, rows: list[dict[str, Any]], only: str | None) -> li
 
 def _print_status(result: dict[str, Any], out: TextIO) -> None:
     now = time.time()
+    # Before the server's first session there is no database: not the same as "never".
+    never = "never" if result.get("delivery_log", True) else "no delivery log yet"
     for i, b in enumerate(result["boxes"]):
         if i:
             out.write("\n")
@@ -640,14 +645,14 @@ def _print_status(result: dict[str, Any], out: TextIO) -> None:
         out.write(f"box {_word(b['box'])}{''.join(' ' + f for f in flags)}\n")
         s = b["last_stored"]
         if s is None:
-            out.write("  last stored   never\n")
+            out.write(f"  last stored   {never}\n")
         else:
             out.write(f"  last stored   {_word(s['name'] or '')} {s['time']} "
                       f"({_age(now - s['timestamp'])} ago) {human_size(int(s['bytes']))}"
                       f"{_from(s)}\n")
         r = b["last_refused"]
         if r is None:
-            out.write("  last refused  never\n")
+            out.write(f"  last refused  {never}\n")
         else:
             out.write(f"  last refused  {_word(r['name'] or '-')} {r['time']} "
                       f"({_age(now - r['timestamp'])} ago) {r['code']} {r['outcome']}"
@@ -660,7 +665,7 @@ def _print_status(result: dict[str, Any], out: TextIO) -> None:
         if k["comment"]:
             what += f" {_text(k['comment'])}"
         where = f"box {_word(k['box'])}" + ("" if k["configured"] else " (no longer configured)")
-        when = "never" if k["last_used"] is None else (
+        when = never if k["last_used"] is None else (
             f"{k['last_used']} ({_age(now - k['last_used_timestamp'])} ago)")
         out.write(f"  {what}  {where}  last used {when}\n")
     if result["stale_after"] is not None:

@@ -76,6 +76,8 @@ rstash-recv [-c FILE] --check-config [--json] [--user NAME]
 rstash-recv [-c FILE] -t
 rstash-recv [-c FILE] --dump-config [--json]
 rstash-recv [-c FILE] --status [BOX] [--json] [--stale-after DURATION]
+            [--critical-after DURATION] [--expect BOX:PATTERN>=SIZE]...
+rstash-recv [-c FILE] --metrics [--output FILE]
 rstash-recv --gen-key FILE|- [--comment TEXT]
 rstash-recv --fingerprint FILE
 rstash-recv -V | --version"""
@@ -88,7 +90,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="rstash-recv", usage=USAGE,
         description="Receive files into write-only boxes (rstash-recv(8)).",
         epilog="Exit status: 0 session ended as the protocol defines / admin check passed; "
-               "1 peer broke the protocol / admin check found a problem; 2 local error.")
+               "1 peer broke the protocol / admin check found a problem; 2 local error. "
+               "--status with --stale-after, --critical-after or --expect is a Nagios check: "
+               "0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.")
     p.add_argument("-c", "--config", metavar="FILE", default=DEFAULT_CONFIG,
                    help=f"configuration file (default {DEFAULT_CONFIG})")
     p.add_argument("--box", metavar="NAME", action="append",
@@ -105,7 +109,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--status", nargs="?", const="", metavar="BOX",
                    help="recent deliveries and refusals per box, last use per key")
     p.add_argument("--stale-after", metavar="DURATION",
-                   help="with --status: flag boxes without a delivery for this long (exit 1)")
+                   help="with --status: a Nagios check; WARNING (exit 1) for a box without "
+                        "a delivery for this long (26h)")
+    p.add_argument("--critical-after", metavar="DURATION",
+                   help="with --status: CRITICAL (exit 2) for a box without a delivery for this long")
+    p.add_argument("--expect", metavar="BOX:PATTERN>=SIZE", action="append", default=[],
+                   help="with --status (repeatable): the newest file of BOX matching PATTERN "
+                        "has at least SIZE bytes, else CRITICAL; e.g. 'vm1:db-*.sql.zst>=1MiB'")
+    p.add_argument("--metrics", action="store_true",
+                   help="print OpenMetrics text (for node_exporter's textfile collector)")
+    p.add_argument("--output", metavar="FILE",
+                   help="with --metrics: replace FILE atomically (mode 0644) instead of printing")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--user", metavar="NAME", help="with --check-config: the service user to check for")
     p.add_argument("--gen-key", metavar="FILE", help="write a new key (never overwrites); - for stdout")
@@ -141,6 +155,15 @@ def main(argv: list[str] | None = None) -> int:
 
             print(load_key_file(args.fingerprint).describe())
             return Exit.OK
+        if args.metrics or (args.status is not None and (
+                args.stale_after or args.critical_after or args.expect)):
+            from . import monitor  # type: ignore[attr-defined,unused-ignore]
+
+            if args.metrics:
+                return int(monitor.metrics(args.config, args.output))
+            return int(monitor.check(args.config, args.status or None, as_json=args.json,
+                                     stale_after=args.stale_after, critical_after=args.critical_after,
+                                     expect=args.expect))
         if args.test_config or args.check_config or args.dump_config or args.status is not None:
             from . import admin  # type: ignore[attr-defined,unused-ignore]
 
@@ -175,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _serving(args: argparse.Namespace) -> bool:
     return not (args.version or args.gen_key or args.fingerprint or args.test_config or args.check_config
-                or args.dump_config or args.status is not None)
+                or args.dump_config or args.status is not None or args.metrics)
 
 
 def _gen_key(target: str, comment: str) -> int:

@@ -44,7 +44,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from rstash.errors import Reply, RstashError
 
@@ -71,6 +71,7 @@ OUTCOMES = frozenset({
 REFUSAL_OUTCOMES = frozenset({"exists", "refused", "temporary", "error", "auth_failed"})
 
 _BUSY_TIMEOUT_MS = 5000
+_R = TypeVar("_R")
 # Connections inherited across fork(): kept referenced so that they are never
 # closed (and so never checkpoint, unlock or delete WAL files) in the child.
 _ABANDONED: list[sqlite3.Connection] = []
@@ -480,6 +481,60 @@ class StateDB:
                     "SELECT key, box, last_used FROM keys WHERE ? IS NULL OR box = ?"
                     " ORDER BY box, key", (box, box))
             ]
+
+    # -- monitoring (rstash/monitor.py): read-only queries --
+
+    def log_exists(self) -> bool:
+        """Whether the database file exists (no server session has made it yet if not).
+
+        Raises :class:`StateUnavailable` when that cannot be told (e.g. state_dir unsearchable).
+        """
+        try:
+            os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise StateUnavailable(f"state database {self.path}: {exc.strerror}") from exc
+        return True
+
+    def outcome_counts(self, since: float) -> list[tuple[str, str, int]]:
+        """(box, outcome, rows) of every delivery-log row at or after ``since``."""
+        rows = self._read(lambda conn: [
+            (str(b), str(o), int(n)) for b, o, n in conn.execute(
+                "SELECT box, outcome, count(*) FROM events WHERE at >= ?"
+                " GROUP BY box, outcome ORDER BY box, outcome", (since,))])
+        return rows or []
+
+    def newest_stored(self, box: str, accept: Callable[[str, int], bool]) -> dict[str, Any] | None:
+        """The newest ``stored`` row of ``box`` whose (name, bytes) ``accept`` takes, or None.
+
+        Rows are read newest first and the scan stops at the first accepted one.
+        """
+        def scan(conn: sqlite3.Connection) -> dict[str, Any] | None:
+            rows = conn.execute(
+                "SELECT name, at, bytes, sha256, peer, key FROM events"
+                " WHERE box = ? AND outcome = 'stored' ORDER BY at DESC, id DESC", (box,))
+            for row in rows:
+                if accept(row[0] or "", int(row[2])):
+                    return dict(zip(("name", "time", "bytes", "sha256", "peer", "key"), row,
+                                    strict=True))
+            return None
+        return self._read(scan)
+
+    def _read(self, query: Callable[[sqlite3.Connection], _R]) -> _R | None:
+        """``query`` run on one snapshot; None when there is no database (read-only)."""
+        try:
+            if not self.readonly:
+                conn = self._connection()
+                with _transaction(conn, "BEGIN"):
+                    return query(conn)
+            with self._readonly_connection() as ro:
+                if ro is None:
+                    return None
+                with _transaction(ro, "BEGIN"):
+                    return query(ro)
+        except sqlite3.Error as exc:
+            raise StateUnavailable(f"state database {self.path}: {exc}") from exc
 
 
 def _synchronous(conn: sqlite3.Connection, level: str) -> None:

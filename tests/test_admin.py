@@ -563,16 +563,16 @@ def _log(site: Site, fps: dict[str, str], *, age: float, box: str = "vm1", **kw:
                             when=time.time() - age, **kw)
 
 
-def test_status_without_a_database_says_never_and_creates_nothing(site: Site, run: Run) -> None:
+def test_status_without_a_database_says_no_delivery_log_yet_and_creates_nothing(
+        site: Site, run: Run) -> None:
     good_config(site)
     rc, out, err = run("--status")
     assert (rc, err) == (0, "")
-    assert out.count("last stored   never") == 2
-    assert "last used never" in out
+    assert out.count("last stored   no delivery log yet") == 2 and "never" not in out
+    assert "last used no delivery log yet" in out
     assert list(site.state.iterdir()) == []
-    rc, out, _ = run("--status", "--stale-after", "26h")
-    assert rc == 1
-    assert "box vm1 STALE" in out and "STALE (nothing stored for 26 h): vm1, vm2" in out
+    rc, out, _ = run("--status", "--stale-after", "26h")  # a Nagios check: UNKNOWN
+    assert rc == 3 and out.startswith("RSTASH UNKNOWN - no delivery log yet: ")
     assert list(site.state.iterdir()) == []
 
 
@@ -655,8 +655,8 @@ def test_status_shows_a_box_only_in_the_log_and_a_removed_key(site: Site, run: R
 
 def test_status_bad_stale_after_is_a_usage_error(site: Site, run: Run) -> None:
     good_config(site)
-    rc, out, err = run("--status", "--stale-after", "soon")
-    assert (rc, out) == (2, "") and "--stale-after" in err
+    rc, out, err = run("--status", "--stale-after", "soon")  # a Nagios check: UNKNOWN
+    assert (rc, err) == (3, "") and out.startswith("RSTASH UNKNOWN - --stale-after: 'soon'")
 
 
 def test_status_as_root_leaves_the_service_users_files_alone(site: Site, run: Run) -> None:
@@ -724,6 +724,8 @@ def test_status_after_real_pipe_mode_sessions(site: Site, run: Run, tmp_path: Pa
 
 
 def test_status_runs_as_a_subprocess_for_nagios(site: Site) -> None:
-    good_config(site)
+    fps = good_config(site)
+    _log(site, fps, age=30 * 3600, name="a.tar.zst", outcome="stored", code=250, bytes=1)
     done = recv_process("--status", "--stale-after", "26h", "-c", str(site.config), cwd=site.root)
-    assert done.returncode == 1 and "STALE" in done.stdout and done.stderr == ""
+    assert done.returncode == 1 and done.stdout.startswith("RSTASH WARNING - ")
+    assert "STALE" in done.stdout and done.stderr == ""
