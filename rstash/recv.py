@@ -110,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="recent deliveries and refusals per box, last use per key")
     p.add_argument("--stale-after", metavar="DURATION",
                    help="with --status: a Nagios check; WARNING (exit 1) for a box without "
-                        "a delivery for this long (26h)")
+                        "a delivery for this long, e.g. 26h")
     p.add_argument("--critical-after", metavar="DURATION",
                    help="with --status: CRITICAL (exit 2) for a box without a delivery for this long")
     p.add_argument("--expect", metavar="BOX:PATTERN>=SIZE", action="append", default=[],
@@ -142,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.output is not None and not args.metrics:
+        parser.error("--output needs --metrics")
+    if (args.critical_after or args.expect) and args.status is None:
+        parser.error("--critical-after and --expect need --status")
     try:
         if args.version:
             from . import PROTOCOL, __version__

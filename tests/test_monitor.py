@@ -254,6 +254,13 @@ def test_json_with_limits_carries_the_state(site: Site, run: Run) -> None:
     assert e["min_bytes"] == 1 << 20 and e["newest"]["bytes"] == 33 and e["newest_good"] is None
 
 
+def test_options_of_the_check_and_the_metrics_need_their_command(run: Run) -> None:
+    for args in (("--output", "x.prom"), ("--expect", "vm1"), ("--critical-after", "1d")):
+        with pytest.raises(SystemExit) as exit_:
+            run(*args)
+        assert exit_.value.code == 2
+
+
 def test_parse_expect() -> None:
     e = monitor.parse_expect("vm1:db-*.sql.zst>=1MiB")
     assert (e.box, e.pattern, e.min_bytes) == ("vm1", "db-*.sql.zst", 1 << 20)
@@ -347,11 +354,21 @@ def test_metrics_output_replaces_the_file_atomically_with_mode_0644(site: Site, 
 def test_metrics_output_failure_keeps_the_old_file(site: Site, run: Run) -> None:
     rc, out, err = run("--metrics", "--output", str(site.root / "no-such-dir" / "rstash.prom"))
     assert (rc, out) == (2, "") and "--output" in err and "nothing written" in err
+    site.deliver("vm1", "a", 10, age=60)
+    (site.state / "rstash.db").write_bytes(b"not a database, at least 100 bytes " * 10)
+    for extra in ("-wal", "-shm"):
+        (site.state / f"rstash.db{extra}").unlink(missing_ok=True)
+    kept = site.root / "kept.prom"
+    kept.write_text("old\n")
+    rc, out, err = run("--metrics", "--output", str(kept))
+    assert (rc, out) == (2, "") and "nothing written" in err and kept.read_text() == "old\n"
+    shutil.rmtree(site.state)
+    site.state.mkdir(mode=0o700)
     shutil.rmtree(site.root / "boxes" / "vm2")
     target = site.root / "rstash.prom"
     rc, out, err = run("--metrics", "--output", str(target))
     assert rc == 1 and "box vm2: cannot measure its size" in err
-    assert samples(families(target.read_text()), "rstash_box_used_bytes") == {(("box", "vm1"),): 0}
+    assert samples(families(target.read_text()), "rstash_box_used_bytes") == {(("box", "vm1"),): 10}
 
 
 def test_the_alert_rules_use_only_metrics_that_exist() -> None:
