@@ -235,13 +235,7 @@ def _check(path: str, box: str | None, as_json: bool, warn: float | None, crit: 
                  _perf(f"{b['box']} refused 24h", b["refused_24h"])]
     expectations = []
     for rule, (last, good) in zip(rules, newest, strict=True):
-        if last is not None and last["bytes"] < rule.min_bytes:
-            item = _Item(State.CRITICAL, f"newest {_plain(last['name'] or '')} is "
-                                         f"{human_size(int(last['bytes']))}, expected at least "
-                                         f"{human_size(rule.min_bytes)}")
-        else:
-            age = None if last is None else max(now - float(last["time"]), 0.0)
-            item = _age_item(age, warn, crit, "matching file")
+        item = _expectation_item(rule, last, now, warn, crit)
         items.append((rule.text, item))
         perf += [_perf(f"{rule.text} age", None if good is None else max(now - float(good["time"]), 0.0),
                        "s", *limits),
@@ -254,16 +248,7 @@ def _check(path: str, box: str | None, as_json: bool, warn: float | None, crit: 
     if not items:
         raise _Unknown(f"no box to check in {cfg.source}")
     state = max((i.state for _, i in items), key=_SEVERITY.__getitem__)
-    problems = sorted(((w, i) for w, i in items if i.problem and i.state != State.OK),
-                      key=lambda p: -_SEVERITY[p[1].state])
-    if problems:
-        summary = "; ".join(f"{w}: {i.problem}" for w, i in problems)
-    else:
-        n = sum(1 for b in boxes if b["configured"])
-        parts = [f"{n} box{'es' * (n != 1)} stored a file in the last {_age(limit)}"] if limit else []
-        if rules:
-            parts.append(f"{len(rules)} expectation{'s' * (len(rules) != 1)} met")
-        summary = "; ".join(parts)
+    summary = _summary(items, sum(1 for b in boxes if b["configured"]), limit, len(rules))
     result = {
         "state": state.name, "summary": summary,
         "config": str(cfg.source), "state_db": db.path, "now": admin._iso(now),
@@ -283,6 +268,30 @@ def _check(path: str, box: str | None, as_json: bool, warn: float | None, crit: 
     _print_expectations(expectations, now, long_text)
     out.write(long_text.getvalue().replace("|", "\\u007c"))
     return state
+
+
+def _expectation_item(rule: Expectation, last: dict[str, Any] | None, now: float,
+                      warn: float | None, crit: float | None) -> _Item:
+    """CRITICAL when the newest matching file is too small, else judged by its age."""
+    if last is not None and last["bytes"] < rule.min_bytes:
+        return _Item(State.CRITICAL, f"newest {_plain(last['name'] or '')} is "
+                                     f"{human_size(int(last['bytes']))}, expected at least "
+                                     f"{human_size(rule.min_bytes)}")
+    age = None if last is None else max(now - float(last["time"]), 0.0)
+    return _age_item(age, warn, crit, "matching file")
+
+
+def _summary(items: list[tuple[str, _Item]], boxes: int, limit: float | None, rules: int) -> str:
+    """The first line's text: every problem, worst first; else what was found fine."""
+    problems = sorted(((w, i) for w, i in items if i.problem and i.state != State.OK),
+                      key=lambda p: -_SEVERITY[p[1].state])
+    if problems:
+        return "; ".join(f"{w}: {i.problem}" for w, i in problems)
+    parts = [f"{boxes} box{'es' * (boxes != 1)} stored a file in the last {_age(limit)}"] \
+        if limit is not None else []
+    if rules:
+        parts.append(f"{rules} expectation{'s' * (rules != 1)} met")
+    return "; ".join(parts)
 
 
 def _print_expectations(expectations: list[dict[str, Any]], now: float, out: TextIO) -> None:
