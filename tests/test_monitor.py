@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
+from prometheus_client.parser import text_string_to_metric_families as prometheus_text
 
 from e2e_support import (
     ProcGroup,
@@ -314,6 +315,12 @@ def test_metrics_match_the_delivery_log_and_the_boxes(site: Site, run: Run) -> N
     assert dict(labels) == {"box": "vm1", "key": site.fps["vm1"]}
     assert used == pytest.approx(time.time() - 100, abs=30)
     assert samples(fams, "rstash_box_configured") == {(("box", "vm1"),): 1, (("box", "vm2"),): 1}
+    # node_exporter's textfile collector reads the Prometheus text format: the same samples.
+    classic = {f.name: f for f in prometheus_text(out)}
+    assert set(classic) == set(fams)
+    for name, fam in fams.items():
+        assert [(s.labels, s.value) for s in classic[name].samples] == \
+            [(s.labels, s.value) for s in fam.samples], name
 
 
 def test_metrics_without_a_database_still_describe_the_boxes(site: Site, run: Run) -> None:
