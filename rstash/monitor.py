@@ -102,7 +102,10 @@ def parse_expect(text: str) -> Expectation:
         raise ValueError(f"{text!r}: empty name pattern ({example})")
     if sep and not size.strip():
         raise ValueError(f"{text!r}: no size after >= ({example})")
-    return Expectation(box, pattern if colon else "*", parse_size(size) if sep else 1, text)
+    pattern = pattern if colon else "*"
+    # Written out whole ("vm1" is "vm1:*>=1"): a label never equals one of a box's own.
+    return Expectation(box, pattern, parse_size(size) if sep else 1,
+                       f"{box}:{pattern}>={size.strip() if sep else 1}")
 
 
 # --- the Nagios check ---------------------------------------------------------------------

@@ -205,9 +205,11 @@ def test_an_expectation_follows_its_pattern_and_the_age_limits(site: Site, run: 
     assert rc == 1
     assert nagios(out)[1] == "vm1:db-*.sql.zst>=1MiB: matching file stored 30 h ago (stale after 26 h)"
     rc, out, _ = run("--status", "--expect", "vm2:*.tar.zst")
-    assert rc == 2 and nagios(out)[1] == "vm2:*.tar.zst: no matching file stored"
+    assert rc == 2 and nagios(out)[1] == "vm2:*.tar.zst>=1: no matching file stored"
     rc, out, _ = run("--status", "--expect", "vm1:etc.tar.zst>=10", "--expect", "vm2")
     assert rc == 0 and nagios(out)[1] == "2 expectations met"
+    perf = nagios(out)[2]
+    assert perf["vm2 size"][0] == perf["vm2:*>=1 size"][0] == str(2 << 20)
 
 
 @pytest.mark.parametrize(("args", "says"), [
@@ -265,7 +267,8 @@ def test_options_of_the_check_and_the_metrics_need_their_command(run: Run) -> No
 def test_parse_expect() -> None:
     e = monitor.parse_expect("vm1:db-*.sql.zst>=1MiB")
     assert (e.box, e.pattern, e.min_bytes) == ("vm1", "db-*.sql.zst", 1 << 20)
-    assert monitor.parse_expect("vm1").pattern == "*" and monitor.parse_expect("vm1").min_bytes == 1
+    whole = monitor.parse_expect("vm1")
+    assert (whole.pattern, whole.min_bytes, whole.text) == ("*", 1, "vm1:*>=1")
     assert monitor.parse_expect("vm1:a>=b>=0").pattern == "a>=b"
     assert monitor.parse_expect("vm1:x>=0").min_bytes == 0
     for bad in ("", ":x", "vm1:", "vm1:x>=", "vm 1:x"):
