@@ -460,6 +460,25 @@ def test_installed_status_and_metrics_as_the_service_user_after_a_real_delivery(
                    "rstash_box_last_stored_bytes") == {(("box", "vm1"),): 3000}
 
 
+@pytest.mark.e2e
+def test_a_check_run_by_another_user_is_unknown_and_says_whom_to_run_it_as(
+        e2e_dir: Path, e2e_venv: Path, service_user: ServiceUser) -> None:
+    need(os.geteuid() == 0 and not service_user.is_current, "needs root and a service user")
+    box = make_box(e2e_dir, "vm1")
+    conf = write_config(e2e_dir, [box])
+    state = e2e_dir / "state"
+    with StateDB(state) as db:
+        assert db.log_event(box="vm1", name="a", outcome="stored", code=250, bytes=1)
+    for p in [state, *state.iterdir()]:
+        os.chown(p, 0, 0)  # the service user's state_dir, seen by a user who is not its owner
+    done = _admin(venv_bin(e2e_venv, "rstash-recv"), conf, "--status", "--stale-after", "26h")
+    assert (done.returncode, done.stderr) == (3, ""), done
+    assert done.stdout.startswith("RSTASH UNKNOWN - cannot read the delivery log: ")
+    assert "Permission denied" in done.stdout and "sudo -u rstash" in done.stdout
+    metrics = _admin(venv_bin(e2e_venv, "rstash-recv"), conf, "--metrics")
+    assert metrics.returncode == 2 and metrics.stdout == "" and "nothing written" in metrics.stderr
+
+
 def _shipped_command(source: str) -> str:
     if source == "cron":
         lines = [line for line in (CONFIG / "cron" / "rstash-metrics").read_text().splitlines()
