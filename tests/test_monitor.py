@@ -218,6 +218,8 @@ def test_an_expectation_follows_its_pattern_and_the_age_limits(site: Site, run: 
     (("--expect", "vm1:db-*>=lots"), "--expect 'lots' is not a size"),
     (("--expect", "no/box:x"), "is not a box name"),
     (("--expect", "vm9:x>=1"), "--expect vm9:x>=1: no box vm9 in"),
+    (("vm2", "--expect", "vm1:x"), "names box vm1, but only box vm2 is checked"),
+    (("nosuchbox", "--stale-after", "1h"), "--status nosuchbox: no such box in"),
 ])
 def test_bad_arguments_are_unknown_with_one_line(site: Site, run: Run, args: tuple[str, ...],
                                                   says: str) -> None:
