@@ -229,6 +229,13 @@ def test_bad_arguments_are_unknown_with_one_line(site: Site, run: Run, args: tup
     assert out.count("\n") == 1 and nagios(out)[0] == "UNKNOWN" and says in out
 
 
+def test_a_config_that_does_not_load_is_unknown_and_names_its_file(site: Site, run: Run) -> None:
+    site.config.write_text(site.config.read_text() + "\nbogus = 1\n")
+    rc, out, err = run("--status", "--stale-after", "26h")
+    assert (rc, err) == (3, "") and out.count("\n") == 1
+    assert nagios(out)[0] == "UNKNOWN" and str(site.config) in out and "bogus" in out
+
+
 def test_an_unreadable_delivery_log_is_unknown_and_names_the_fix(site: Site, run: Run) -> None:
     site.deliver("vm1", "a", 10, age=60)
     (site.state / "rstash.db").write_bytes(b"not a database, at least 100 bytes " * 10)
