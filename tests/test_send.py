@@ -1,5 +1,6 @@
-"""rstash-send's pieces without a server: destinations, the ssh command line, options,
-key files, the name checker, exit statuses. The real sessions are in test_e2e_client.py."""
+"""rstash-send's command line without a server: refused destinations, the ssh command line
+it runs, options, key files, the name checker, exit statuses. The pieces are tested in
+tests/client/; the real sessions are in test_e2e_client.py."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from typing import Any
 import pytest
 
 from rstash import send
-from rstash.errors import Exit, UsageError, outcome_of, worst_exit
-from rstash.send import Dest, Result, parse_dest, ssh_argv
+from rstash.client.destinations import Dest
+from rstash.errors import Exit, outcome_of, worst_exit
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 KEY_HEX = "00" * 31 + "01"
@@ -59,101 +60,11 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     return calls
 
 
-# --------------------------------------------------------------------------- destinations
-
-
-@pytest.mark.parametrize(("text", "want"), [
-    ("rstash://backup.example.org/vm1", Dest("rstash", "backup.example.org", None, "vm1")),
-    ("rstash://192.0.2.7:7371/vm1", Dest("rstash", "192.0.2.7", 7371, "vm1")),
-    ("rstash://[::1]/vm1", Dest("rstash", "::1", None, "vm1")),
-    ("rstash://[::1]:7370/a.b_c-d", Dest("rstash", "::1", 7370, "a.b_c-d")),
-    ("rstash://[2001:db8::7]:1/vm1", Dest("rstash", "2001:db8::7", 1, "vm1")),
-    ("ssh://host/vm1", Dest("ssh", "host", None, "vm1")),
-    ("ssh://rstash@host:2222/vm1", Dest("ssh", "host", 2222, "vm1", "rstash")),
-    ("ssh://rstash@[::1]:22/vm1", Dest("ssh", "::1", 22, "vm1", "rstash")),
-])
-def test_destinations_parse(text: str, want: Dest) -> None:
-    assert parse_dest(text) == want
-
-
-@pytest.mark.parametrize("text", [
-    # argument injection into ssh: an option where a host or user belongs
-    "ssh://-oProxyCommand=x/box",
-    "ssh://-x@host/box",
-    "ssh://user@-oProxyCommand=x/box",
-    "rstash://-h/box",
-    # a shell reaches the host through --proxy-command %h (and ssh's ProxyCommand)
-    "rstash://$(id>&2)/vm1",
-    "ssh://`id`@host/vm1",
-    "ssh://a@b@c/vm1",
-    "rstash://a;b/vm1",
-    "rstash://a b/vm1",
-    "rstash://[::1;id]/vm1",
-    # the box travels in HELLO and must be a box name
-    "ssh://host/-box",
-    "ssh://host/.box",
-    "ssh://host/../etc",
-    "ssh://host/a b",
-    "ssh://host/" + "b" * 65,
-    # not a destination
-    "ssh://host/",
-    "ssh://host",
-    "host:/box",
-    "http://host/box",
-    "rstash://user@host/vm1",
-    "rstash://host:0/vm1",
-    "rstash://host:65536/vm1",
-    "rstash://host:/vm1",
-    "rstash://[::1/vm1",
-    "",
-])
-def test_bad_destinations_are_refused(text: str) -> None:
-    with pytest.raises(UsageError):
-        parse_dest(text)
-
-
 def test_an_injection_attempt_exits_2_before_any_connection(key: Path, afile: Path,
                                                            no_network: list[Any]) -> None:
     assert run("-k", key, "ssh://-oProxyCommand=touch${IFS}x/vm1", afile) == Exit.LOCAL
     assert run("-k", key, "--proxy-command", "nc %h %p", "rstash://$(id)/vm1", afile) == Exit.LOCAL
     assert no_network == []
-
-
-# --------------------------------------------------------------------------- the ssh command
-
-
-def test_ssh_argv_is_exactly_the_briefs() -> None:
-    plain = Dest("ssh", "host", None, "vm1")
-    assert ssh_argv("ssh", plain, "rstash-recv", False) == [
-        "ssh", "-T", "-o", "BatchMode=yes", "--", "host", "rstash-recv"]
-    full = Dest("ssh", "host", 2222, "vm1", "backup")
-    assert ssh_argv("ssh", full, "rstash-recv", False) == [
-        "ssh", "-p", "2222", "-l", "backup", "-T", "-o", "BatchMode=yes", "--", "host", "rstash-recv"]
-    only_user = Dest("ssh", "host", None, "vm1", "backup")
-    assert ssh_argv("ssh", only_user, "/opt/bin/rstash-recv", False) == [
-        "ssh", "-l", "backup", "-T", "-o", "BatchMode=yes", "--", "host", "/opt/bin/rstash-recv"]
-    only_port = Dest("ssh", "::1", 22, "vm1")
-    assert ssh_argv("ssh", only_port, "rstash-recv", True) == [
-        "ssh", "-p", "22", "-T", "-o", "BatchMode=yes", "-s", "--", "::1", "rstash"]
-    assert ssh_argv("ssh", full, "ignored", True) == [
-        "ssh", "-p", "2222", "-l", "backup", "-T", "-o", "BatchMode=yes", "-s", "--", "host", "rstash"]
-
-
-def test_the_box_never_reaches_the_remote_command() -> None:
-    argv = ssh_argv("ssh", parse_dest("ssh://u@h:2/secretbox"), "rstash-recv", False)
-    assert not any("secretbox" in a for a in argv)
-
-
-def test_rsh_is_split_like_a_shell_and_never_run_by_one() -> None:
-    dest = Dest("ssh", "host", None, "vm1")
-    rsh = """/usr/bin/ssh -i '/keys/my key' -o "ProxyJump=jump host" -F /dev/null;touch\\ x"""
-    assert ssh_argv(rsh, dest, "rstash-recv", False) == [
-        "/usr/bin/ssh", "-i", "/keys/my key", "-o", "ProxyJump=jump host", "-F", "/dev/null;touch x",
-        "-T", "-o", "BatchMode=yes", "--", "host", "rstash-recv"]
-    with pytest.raises(UsageError):
-        ssh_argv("   ", dest, "rstash-recv", False)
-    with pytest.raises(ValueError):  # shlex: an unbalanced quote is not guessed at
-        ssh_argv("ssh -i 'x", dest, "rstash-recv", False)
 
 
 def fake_ssh(tmp_path: Path, name: str = "fake-ssh") -> tuple[Path, Path]:
@@ -388,13 +299,6 @@ def test_session_failures_outrank_every_per_file_status() -> None:
 def test_reply_codes_map_to_json_statuses(code: int, dry: bool, status: str) -> None:
     assert outcome_of(code, dry_run=dry) == status
 
-
-@pytest.mark.parametrize(("status", "ignore", "want"), [
-    ("stored", False, 0), ("would_store", False, 0), ("exists", False, 1), ("exists", True, 0),
-    ("refused", True, 1), ("temporary", False, 75), ("error", False, 2),
-])
-def test_per_file_exit_status(status: str, ignore: bool, want: int) -> None:
-    assert Result("x", status=status).exit_status(ignore) == want
 
 
 def test_connection_refused_is_exit_4_and_not_retried(key: Path, afile: Path,

@@ -1,0 +1,366 @@
+"""The session driver: prove the key, stream every file, verify every receipt.
+
+One streaming loop serves both modes. Interactive: files are pipelined while the
+server's replies are read as they come, a refused file is aborted at once, and a
+session only ends at a verified ``221``. Pipe mode (``--stdout``): the same
+frames go to standard output and nothing is read back. This module never
+retries (``rstash.send`` decides that) and never prints "stored" for a file
+without a receipt whose MAC it verified.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import select
+import sys
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Never
+
+from .. import PROTOCOL, auth, protocol
+from ..errors import (
+    AuthenticationFailed,
+    Exit,
+    PeerTimeout,
+    RemoteProtocolError,
+    Reply,
+    RstashError,
+    TransportError,
+    outcome_of,
+    worst_exit,
+)
+from ..transport import FdStream, PeerClosed
+from ..units import human_size
+from .connect import Connection
+from .options import Options
+from .sources import Source
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+CHUNK = 256 * 1024
+
+
+def complain(message: str) -> None:
+    sys.stderr.write(f"rstash-send: {message}\n")
+
+
+class ServerBusy(RstashError):
+    """``421 busy`` before anything was sent: the whole session may be tried again."""
+
+    exit_status = Exit.TEMPFAIL
+
+
+class SourceFailed(RstashError):
+    """A file shrank or a producer failed: it was aborted, nothing stored under its name."""
+
+    exit_status = Exit.LOCAL
+
+
+@dataclass
+class Result:
+    name: str
+    final_name: str | None = None
+    status: str = "error"
+    code: int | None = None
+    bytes: int = 0
+    sha256: str | None = None
+    message: str = ""
+
+    def exit_status(self, ignore_existing: bool) -> int:
+        if self.status in ("stored", "would_store"):
+            return Exit.OK
+        if self.status == "exists":
+            return Exit.OK if ignore_existing else Exit.REFUSED
+        if self.status == "temporary":
+            return Exit.TEMPFAIL
+        if self.status == "refused":
+            return Exit.REFUSED
+        return Exit.LOCAL
+
+
+class Session:
+    """One session over ``stream``; ``conn`` is None in pipe mode (nothing is read back)."""
+
+    def __init__(self, opts: Options, proto: protocol.ClientConnection, stream: FdStream,
+                 conn: Connection | None = None) -> None:
+        self.opts = opts
+        self.proto = proto
+        self.stream = stream
+        self.conn = conn
+        self.results: dict[int, Result] = {}
+        self.done: protocol.Done | None = None
+        self.refused_current = False
+        self.got_bytes = False
+
+    # -- replies --
+
+    def _deadline(self) -> float:
+        return time.monotonic() + self.opts.timeout
+
+    def _pump(self, timeout: float) -> None:
+        """Read what the server sent within ``timeout`` and handle every event."""
+        if self.conn is None or not self.stream.readable(timeout):
+            return
+        data = self.stream.read(self._deadline())
+        if data:
+            self.got_bytes = True
+        self.proto.receive_data(data)
+        while self.proto.state is not protocol.ClientState.CLOSED:
+            ev = self.proto.next_event()
+            if ev is protocol.NEED_DATA:
+                return
+            self._on_event(ev)
+
+    def _on_event(self, ev: protocol.ClientEvent) -> None:
+        if isinstance(ev, protocol.Receipt):
+            res = self.results[ev.index]
+            res.code = ev.code
+            res.status = outcome_of(ev.code, dry_run=ev.dry_run)
+            res.final_name = ev.final_name.decode("utf-8", "replace")
+            if ev.code == Reply.STORED and not ev.dry_run:
+                res.bytes, res.sha256 = ev.size, ev.sha256
+            res.message = ev.reason
+            if self.proto.current_index == ev.index:
+                self.refused_current = True
+            self._report(res)
+        elif isinstance(ev, protocol.Done):
+            self.done = ev
+        elif isinstance(ev, protocol.SessionRefused):
+            self._session_refused(ev.code, ev.text)
+        elif isinstance(ev, protocol.ConnectionClosed) and self.done is None:
+            raise TransportError(self.closed_message())
+
+    def closed_message(self) -> str:
+        last = self.conn.last_stderr_line() if self.conn and not self.got_bytes else None
+        if last:
+            return f"ssh failed: {last}"
+        return "connection closed by the server before the session completed"
+
+    def _session_refused(self, code: int, text: str) -> None:
+        if code == Reply.AUTH_FAILED:
+            raise AuthenticationFailed(f"authentication failed ({text})", reply=code)
+        if code in (Reply.INTEGRITY, Reply.PROTOCOL_ERROR):
+            raise RemoteProtocolError(f"server: {text}", reply=code)
+        if code == Reply.BUSY:
+            if self.proto.state is protocol.ClientState.AWAIT_GREETING:
+                raise ServerBusy(text, reply=code)
+            # "421 timeout" mid-session: stdin or a command may be half read, so a retry
+            # would store the rest as if it were the whole stream. The session failed.
+            raise TransportError(f"server: {text}", reply=code)
+        status = Exit.TEMPFAIL if 400 <= code < 500 else Exit.REFUSED
+        if code in (Reply.VERSION_NOT_SUPPORTED, Reply.METHOD_NOT_SUPPORTED):
+            status = Exit.PROTOCOL
+        raise RstashError(f"server: {text}", exit_status=status, reply=code)
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Write everything, reading replies whenever the server has some (no deadlock)."""
+        if self.conn is None:
+            self.stream.write(data, self._deadline(), idle=self.opts.timeout)
+            return
+        try:
+            self.stream.write(data, self._deadline(), idle=self.opts.timeout,
+                              on_readable=lambda: self._pump(0))
+        except PeerClosed:
+            # The server closed: its last lines say why.
+            self._drain()
+            raise TransportError(self.closed_message()) from None
+
+    def _drain(self) -> None:
+        try:
+            for _ in range(100):
+                self._pump(0.5)
+        except TransportError:
+            pass
+
+    # -- the protocol --
+
+    def handshake(self) -> None:
+        """Read the greeting (interactive) and send HELLO."""
+        deadline = time.monotonic() + self.opts.connect_timeout
+        while self.proto.state is protocol.ClientState.AWAIT_GREETING:
+            if time.monotonic() > deadline:
+                raise PeerTimeout("timed out waiting for the server's greeting")
+            self._pump(max(0.01, deadline - time.monotonic()))
+            if self.proto.state is protocol.ClientState.CLOSED:  # type: ignore[comparison-overlap]
+                raise TransportError(self.closed_message())
+        self.write(self.proto.hello(secrets.token_bytes(32), int(time.time())))
+
+    def send_all(self, sources: list[Source]) -> int:
+        """Send every source; the exit status of the ones that failed on our side."""
+        status: int = Exit.OK
+        for index, src in enumerate(sources):
+            try:
+                self.send_file(index, src)
+            except SourceFailed as e:
+                complain(f"{src.label}: {e.message}: nothing stored")
+                status = worst_exit(status, Exit.LOCAL)
+        return status
+
+    def send_file(self, index: int, src: Source) -> None:
+        """The streaming loop: FILE, DATA until the source ends, then END (or ABORT)."""
+        self.results[index] = Result(src.name)
+        self.write(self.proto.file(src.name.encode("utf-8"), src.size, src.mtime,
+                                   dry_run=self.opts.dry_run))
+        if self.opts.dry_run:
+            return
+        self.refused_current = False
+        src.open()
+        fd = src.read_fd()
+        sent = 0
+        started = time.monotonic()
+        bar = self._bar(src)
+        try:
+            while True:
+                self._pump(0)
+                if self.refused_current:
+                    self.write(self.proto.abort())
+                    src.discard()
+                    return
+                want = CHUNK if src.size is None else min(CHUNK, src.size - sent)
+                if want == 0:
+                    break
+                chunk = self._read_source(fd, want)
+                if not chunk:
+                    if self.refused_current:
+                        # Refused while we waited for the source: not its end of file
+                        # (that would be "shrank" or a failed producer); ABORT above.
+                        continue
+                    break
+                hdr = self.proto.data_header(len(chunk))
+                self.proto.data_sent(chunk)
+                # Small chunks go out in one write with their header; large ones are not copied.
+                self.write(hdr + chunk if len(chunk) < 65536 else hdr)
+                if len(chunk) >= 65536:
+                    self.write(chunk)
+                sent += len(chunk)
+                if bar is not None:
+                    bar.update(len(chunk))
+                if self.opts.bwlimit:
+                    ahead = sent / self.opts.bwlimit - (time.monotonic() - started)
+                    if ahead > 0:
+                        self._pause(ahead)
+            problem = src.failed()
+            if problem is None and src.size is not None and sent != src.size:
+                problem = f"file shrank while sending ({sent} of {src.size} bytes)"
+            if problem is not None:
+                self.results[index].message = problem
+                self.results[index].status = "error"
+                self.write(self.proto.abort())
+                raise SourceFailed(problem)
+            self.write(self.proto.end())
+        finally:
+            src.close()
+            if bar is not None:
+                bar.close()
+
+    def _pause(self, seconds: float) -> None:
+        if self.conn is None:
+            time.sleep(seconds)
+        else:
+            self._pump(seconds)  # a reply ends the pause early; the next chunk waits again
+
+    def _read_source(self, fd: int, want: int) -> bytes:
+        # Read what is there (stdin as it arrives), answering the server meanwhile.
+        p = select.poll()
+        p.register(fd, select.POLLIN)
+        if self.conn is not None:
+            p.register(self.stream.rfd, select.POLLIN)
+        while True:
+            ready = dict(p.poll(1000))
+            if self.conn is not None and self.stream.rfd in ready:
+                self._pump(0)
+                if self.refused_current:
+                    return b""
+            if fd in ready:
+                try:
+                    return os.read(fd, want)
+                except BlockingIOError:
+                    continue
+                except OSError as e:
+                    raise RstashError(f"read failed: {e.strerror}") from None
+
+    def _bar(self, src: Source) -> tqdm[Never] | None:
+        show = self.opts.progress
+        if show is None:
+            show = sys.stderr.isatty() and not self.opts.quiet
+        if not show:
+            return None
+        from tqdm import tqdm  # only when a bar is shown: it costs a tenth of a second to import
+
+        return tqdm(total=src.size, desc=src.name, unit="B", unit_scale=True, unit_divisor=1024,
+                    file=sys.stderr, leave=False, dynamic_ncols=True)
+
+    def finish(self) -> None:
+        """BYE; interactive: wait for the verified ``221``."""
+        self.write(self.proto.bye())
+        if self.conn is None:
+            return
+        deadline = self._deadline()
+        while self.done is None:
+            if time.monotonic() > deadline:
+                raise PeerTimeout("timed out waiting for the server's receipts")
+            self._pump(max(0.01, deadline - time.monotonic()))
+            if self.proto.state is protocol.ClientState.CLOSED and self.done is None:
+                raise TransportError(self.closed_message())
+
+    def _report(self, res: Result) -> None:
+        if self.opts.json:
+            print(json.dumps({"name": res.name, "final_name": res.final_name, "status": res.status,
+                              "code": res.code, "bytes": res.bytes, "sha256": res.sha256,
+                              "message": res.message}), flush=True)
+        if self.opts.quiet and res.status in ("stored", "would_store"):
+            return
+        if res.status == "stored":
+            final = "" if res.final_name == res.name else f" as {res.final_name}"
+            line = f"stored {res.name}{final} {human_size(res.bytes)} sha256:{res.sha256}"
+        elif res.status == "would_store":
+            line = f"would store {res.name}"
+        elif res.status == "exists" and self.opts.ignore_existing:
+            line = f"exists {res.name} (ignored)"
+        else:
+            verb = "not stored" if res.code == Reply.ABORTED else "refused"
+            line = f"{verb} {res.name}: {res.message}"
+        if not self.opts.json or not self.opts.quiet:
+            sys.stderr.write(line + "\n")
+
+
+def run_interactive(opts: Options, key: auth.Key, box: str, conn: Connection,
+                    sources: list[Source]) -> int:
+    """One interactive session over ``conn`` (closed on return); its exit status."""
+    sess = Session(opts, protocol.ClientConnection(key, box, server_id=opts.server_id), conn.stream, conn)
+    try:
+        try:
+            sess.handshake()
+            if opts.test:
+                sess.finish()
+                if not sess.proto.authenticated:
+                    raise RemoteProtocolError("221 before 235")
+                print(f"{PROTOCOL} ok: {opts.dest} key {key.fingerprint}")
+                return Exit.OK
+            session_status = sess.send_all(sources)
+            sess.finish()
+        except (RemoteProtocolError, TransportError) as e:
+            if isinstance(e, TransportError) and not isinstance(e, PeerTimeout) \
+                    and not sess.got_bytes and not e.message.startswith("ssh failed: "):
+                last = conn.last_stderr_line()
+                if last:
+                    raise TransportError(f"ssh failed: {last}") from None
+            raise
+    finally:
+        conn.close()
+    statuses = [session_status]
+    statuses += [res.exit_status(opts.ignore_existing) for res in sess.results.values()]
+    return worst_exit(*statuses)
+
+
+def run_pipe(opts: Options, key: auth.Key, box: str, sources: list[Source]) -> int:
+    """Pipe mode: a whole one-way session on standard output; the server's lines go to nc."""
+    out = FdStream(os.open("/dev/null", os.O_RDONLY), 1)
+    sess = Session(opts, protocol.ClientConnection(key, box, pipe=True, server_id=opts.server_id), out)
+    sess.handshake()
+    status = sess.send_all(sources)
+    sess.finish()
+    return status

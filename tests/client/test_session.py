@@ -1,0 +1,119 @@
+"""The session driver (rstash/client/session.py) without a server: per-file exit statuses,
+and the streaming loop in pipe mode, where the frames can be read back from a pipe.
+Interactive sessions against the real server are in tests/test_e2e_client.py."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rstash import auth, protocol
+from rstash.client.options import Options
+from rstash.client.session import Result, Session
+from rstash.client.sources import Source, make_sources
+from rstash.errors import Exit
+from rstash.transport import FdStream
+
+KEY_HEX = "00" * 31 + "01"
+CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(("status", "ignore", "want"), [
+    ("stored", False, 0), ("would_store", False, 0), ("exists", False, 1), ("exists", True, 0),
+    ("refused", True, 1), ("temporary", False, 75), ("error", False, 2),
+])
+def test_per_file_exit_status(status: str, ignore: bool, want: int) -> None:
+    assert Result("x", status=status).exit_status(ignore) == want
+
+
+@pytest.fixture
+def key(tmp_path: Path) -> auth.Key:
+    path = tmp_path / "vm1.key"
+    path.write_text(f"rstash-key-v1 {KEY_HEX} # test key\n")
+    path.chmod(0o600)
+    return auth.load_key_file(str(path), client=True)
+
+
+def frame_types(stream: bytes) -> list[int]:
+    """The type of every frame in a stream, split by the 5-byte header of rstash(7)."""
+    types = []
+    pos = 0
+    while pos < len(stream):
+        ftype, length = struct.unpack(">BI", stream[pos:pos + 5])
+        types.append(ftype)
+        pos += 5 + length
+    assert pos == len(stream)
+    return types
+
+
+def pipe_session(key: auth.Key, sources: list[Source], opts: Options) -> tuple[int, bytes]:
+    """A pipe-mode session into an os.pipe(); its status and the bytes written."""
+    r, w = os.pipe()
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    try:
+        sess = Session(opts, protocol.ClientConnection(key, "vm1", pipe=True), FdStream(devnull, w))
+        sess.handshake()
+        status = sess.send_all(sources)
+        sess.finish()
+        os.close(w)
+        w = -1
+        chunks = []
+        while chunk := os.read(r, 65536):
+            chunks.append(chunk)
+        return status, b"".join(chunks)
+    finally:
+        for fd in (r, w, devnull):
+            if fd >= 0:
+                os.close(fd)
+
+
+F = protocol.FrameType
+
+
+def test_a_file_that_shrinks_is_aborted_with_the_interactive_line(
+        tmp_path: Path, key: auth.Key, capsys: pytest.CaptureFixture[str]) -> None:
+    short = tmp_path / "short"
+    short.write_bytes(b"0123456789")
+    src = Source(str(short), "db.sql", 100, 0)  # announced 100 bytes, has 10
+    status, stream = pipe_session(key, [src], Options(progress=False, timeout=5))
+    assert status == Exit.LOCAL
+    assert frame_types(stream) == [F.HELLO, F.FILE, F.DATA, F.ABORT, F.BYE]
+    assert capsys.readouterr().err == (
+        f"rstash-send: {short}: file shrank while sending (10 of 100 bytes): nothing stored\n")
+
+
+def test_a_failing_producer_is_aborted_and_the_next_file_still_sent(
+        tmp_path: Path, key: auth.Key, capsys: pytest.CaptureFixture[str]) -> None:
+    opts = Options(from_command=True, name="dump.sql", files=("sh", "-c", "echo partial; exit 3"),
+                   progress=False, timeout=5)
+    good = tmp_path / "good"
+    good.write_bytes(b"x" * 1000)  # the whole stream fits in the pipe: nobody reads it meanwhile
+    sources = [*make_sources(opts), Source(str(good), "good", 1000, 0)]
+    status, stream = pipe_session(key, sources, opts)
+    assert status == Exit.LOCAL
+    assert frame_types(stream) == [F.HELLO, F.FILE, F.DATA, F.ABORT,
+                                   F.FILE, F.DATA, F.END, F.BYE]
+    assert capsys.readouterr().err == (
+        "rstash-send: sh -c echo partial; exit 3: command exited with status 3: nothing stored\n")
+
+
+@pytest.mark.parametrize(("bar", "tqdm_loaded"), [("--no-progress", False), ("--progress", True)])
+def test_tqdm_is_imported_only_for_a_bar_and_pydantic_never(
+        tmp_path: Path, bar: str, tqdm_loaded: bool) -> None:
+    keyfile = tmp_path / "k"
+    keyfile.write_text(f"rstash-key-v1 {KEY_HEX}\n")
+    keyfile.chmod(0o600)
+    data = tmp_path / "a"
+    data.write_bytes(b"hello\n")
+    probe = ("import sys\nfrom rstash import send\n"
+             f"rc = send.main(['-k', {str(keyfile)!r}, {bar!r}, '--stdout', 'vm1', {str(data)!r}])\n"
+             "sys.stderr.write(repr(('tqdm' in sys.modules, 'pydantic' in sys.modules, int(rc))))\n")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=30, check=False,
+                          env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                               "PYTHONPATH": str(CHECKOUT)})
+    assert proc.stderr.decode().endswith(repr((tqdm_loaded, False, 0))), proc.stderr
