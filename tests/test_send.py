@@ -8,6 +8,7 @@ import json
 import os
 import pty
 import select
+import shlex
 import subprocess
 import sys
 import time
@@ -300,7 +301,6 @@ def test_reply_codes_map_to_json_statuses(code: int, dry: bool, status: str) -> 
     assert outcome_of(code, dry_run=dry) == status
 
 
-
 def test_connection_refused_is_exit_4_and_not_retried(key: Path, afile: Path,
                                                      capfd: pytest.CaptureFixture[str]) -> None:
     import socket
@@ -313,3 +313,39 @@ def test_connection_refused_is_exit_4_and_not_retried(key: Path, afile: Path,
     assert time.monotonic() - t0 < 5
     last = json.loads(capfd.readouterr().out.splitlines()[-1])
     assert last["status"] == "error" and last["message"]
+
+
+def fake_keyless_server(tmp_path: Path, line: str) -> Path:
+    """A --proxy-command "server" without the key: greets like rstash-recv, reads the HELLO,
+    answers ``line`` instead of a 235 it cannot make, then waits for the client to leave."""
+    script = tmp_path / "keyless.py"
+    reply = (line + "\r\n").encode()
+    script.write_text(f"""import base64, os, select
+challenge = base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=")
+os.write(1, b"220 rstash/1 methods=hmac-sha256 challenge=" + challenge + b"\\r\\n")
+select.select([0], [], [], 20)
+os.read(0, 65536)
+os.write(1, {reply!r})
+while select.select([0], [], [], 20)[0] and os.read(0, 65536):
+    pass
+""")
+    return script
+
+
+@pytest.mark.parametrize("line", [
+    "250 stored 5 sha256:" + "0" * 64 + " a.txt mac=AAAAAAAAAAAAAAAAAAAAAA",
+    "221 bye 1 mac=AAAAAAAAAAAAAAAAAAAAAA",
+    "250 ok",
+    "200 fine",
+])
+def test_a_success_line_before_235_is_a_protocol_error(line: str, tmp_path: Path, key: Path, afile: Path,
+                                                      capfd: pytest.CaptureFixture[str]) -> None:
+    # rstash-send(1), EXIT STATUS: a session is refused by a 4xx or 5xx line; a 2xx line from a
+    # server that has not proved the key (235) is the peer speaking nonsense: exit 5, never 1.
+    proxy = f"{shlex.quote(sys.executable)} {shlex.quote(str(fake_keyless_server(tmp_path, line)))}"
+    assert run("-k", key, "--json", "--proxy-command", proxy, "rstash://127.0.0.1/vm1", afile) \
+        == Exit.PROTOCOL
+    captured = capfd.readouterr()
+    last = json.loads(captured.out.splitlines()[-1])
+    assert last["status"] == "error" and last["code"] is None, captured
+    assert "stored" not in captured.err.replace(line, ""), captured.err

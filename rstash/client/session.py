@@ -140,6 +140,13 @@ class Session:
         return "connection closed by the server before the session completed"
 
     def _session_refused(self, code: int, text: str) -> None:
+        if code < 400:
+            # A success line where only a refusal may stand (before 235, or instead of a
+            # receipt): a peer without the key cannot make a 235, and must not turn
+            # "the server broke the protocol" into "a file was refused" (exit 1).
+            if not self.proto.authenticated:
+                raise RemoteProtocolError(f"the server answered {text!r} without proving it holds the key (235)")
+            raise RemoteProtocolError(f"unexpected reply from the server: {text!r}")
         if code == Reply.AUTH_FAILED:
             raise AuthenticationFailed(f"authentication failed ({text})", reply=code)
         if code in (Reply.INTEGRITY, Reply.PROTOCOL_ERROR):
