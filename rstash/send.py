@@ -50,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="remote name (one FILE only; default the file's base name)")
     p.add_argument("--json", action="store_true", help="JSON Lines on stdout, one object per file")
     p.add_argument("--ignore-existing", action="store_true",
-                   help="a file refused as 'exists' counts as success")
+                   help="a file refused as 'exists' counts as success (any file under that name, "
+                        "even a different one)")
     p.add_argument("--dry-run", action="store_true", help="ask the server's verdict, send no data")
     p.add_argument("--test", action="store_true", help="authenticate and disconnect")
     p.add_argument("--fingerprint", action="store_true", help="print the key's fingerprint and exit")
@@ -74,7 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--progress", dest="progress", action="store_true", default=None,
                    help="a progress bar on stderr (default: when stderr is a terminal)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    p.add_argument("-q", "--quiet", action="store_true", help="no line for a stored file")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no line for a stored file (nor one found existing with --ignore-existing)")
     p.add_argument("-v", "--verbose", action="store_true", help="say more (retries)")
     p.add_argument("--server-id", metavar="ID", help="must match the server's server_id")
     p.add_argument("-V", "--version", action="store_true", help="print program and protocol version")

@@ -619,6 +619,21 @@ def test_ignore_existing_counts_exists_as_success(env: Env, src: Path) -> None:
     assert stored(box) == {"taken": b"old", "new": new.read_bytes()}
 
 
+def test_ignore_existing_with_quiet_prints_nothing(env: Env, src: Path) -> None:
+    # The nightly cron job: a second run that finds its file already there must not mail anyone.
+    box = make_box(env.e2e_dir, "vm1")
+    (box.path / "taken").write_bytes(b"old")
+    port = env.server([box])
+    f = make_file(src, "taken", 10)
+    p = env.send("-k", box.client_key, "-q", "--ignore-existing", box.url(port), f)
+    assert (p.returncode, p.stdout, p.stderr) == (0, "", ""), out(p)
+    p = env.send("-k", box.client_key, "--ignore-existing", box.url(port), f)
+    assert p.returncode == 0 and "exists taken (ignored)" in p.stderr, out(p)
+    p = env.send("-k", box.client_key, "-q", box.url(port), f)  # without it: still a refusal
+    assert p.returncode == 1 and "refused taken" in p.stderr, out(p)
+    assert stored(box) == {"taken": b"old"}
+
+
 # --------------------------------------------------------------------------- modes
 
 

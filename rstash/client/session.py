@@ -318,7 +318,9 @@ class Session:
             print(json.dumps({"name": res.name, "final_name": res.final_name, "status": res.status,
                               "code": res.code, "bytes": res.bytes, "sha256": res.sha256,
                               "message": res.message}), flush=True)
-        if self.opts.quiet and res.status in ("stored", "would_store"):
+        # -q is for cron: a file already there under --ignore-existing is as quiet as a stored one.
+        if self.opts.quiet and (res.status in ("stored", "would_store")
+                                or (res.status == "exists" and self.opts.ignore_existing)):
             return
         if res.status == "stored":
             final = "" if res.final_name == res.name else f" as {res.final_name}"
