@@ -1,15 +1,21 @@
-"""rstash.names: the one name checker (brief section 5, rstash(7) NAMES)."""
+"""rstash.names: the one name checker (rstash(7) NAMES)."""
 
 from __future__ import annotations
 
+import ast
+import sys
 import unicodedata
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rstash.names import (
+    BLANKS,
+    DEFAULT_IGNORABLE,
     MAX_NAME_BYTES,
+    PATH_LOOKALIKES,
     check_name,
     is_box_name,
     name_problem,
@@ -128,10 +134,144 @@ def test_names_with_a_slash_are_refused(name: str) -> None:
         assert name_problem(name) == "contains '/'"
 
 
-def test_a_fullwidth_or_division_slash_is_just_a_character() -> None:
-    # only U+002F separates path components
-    assert name_problem("a\uff0fb") is None
-    assert name_problem("a\u2215b") is None
+# --- invisible and look-alike code points (rstash(7) NAMES) --------------------------
+
+
+@pytest.mark.parametrize("name", ["\u3164", "\u2800", "a\ufffe", "\u0301a",
+                                  "\u2024\u2024\u2215x"],
+                         ids=["hangul-filler", "braille-blank", "noncharacter",
+                              "leading-combining", "dot-leaders-division-slash"])
+def test_invisible_and_look_alike_names_are_refused(name: str) -> None:
+    assert name_problem(name) is not None
+    assert name_problem(name.encode("utf-8")) is not None
+    assert check_name(name, ["*"]) is not None
+
+
+NONCHARACTERS = [*range(0xFDD0, 0xFDF0),
+                 *(plane << 16 | low for plane in range(17) for low in (0xFFFE, 0xFFFF))]
+
+
+@pytest.mark.parametrize("cp", NONCHARACTERS, ids=[f"U+{cp:04X}" for cp in NONCHARACTERS])
+def test_noncharacters_are_refused(cp: int) -> None:
+    assert name_problem(f"a{chr(cp)}b") == f"contains U+{cp:04X} (noncharacter)"
+
+
+def test_the_neighbours_of_noncharacters_are_accepted() -> None:
+    assert len(NONCHARACTERS) == 66
+    for cp in (0xFDCF, 0xFDF0, 0xFFFD, 0x1FFFD, 0x20000):
+        assert name_problem(f"a{chr(cp)}b") is None, f"U+{cp:04X}"
+
+
+IGNORABLE_ENDS = sorted({cp for lo, hi in DEFAULT_IGNORABLE for cp in (lo, hi)})
+
+
+@pytest.mark.parametrize("cp", IGNORABLE_ENDS, ids=[f"U+{cp:04X}" for cp in IGNORABLE_ENDS])
+def test_default_ignorable_code_points_are_refused(cp: int) -> None:
+    problem = name_problem(f"a{chr(cp)}b")
+    assert problem is not None and f"U+{cp:04X}" in problem
+
+
+@pytest.mark.parametrize("cp", [0x034F, 0x115F, 0x3164, 0xFE0F, 0xFFA0, 0xE0100,
+                                0x17B4, 0x2065, 0xFFF0, 0xE0000])
+def test_ignorable_code_points_of_any_category_are_refused_as_invisible(cp: int) -> None:
+    # Letters (Lo), marks (Mn) and reserved code points (Cn) that render as nothing.
+    assert name_problem(f"a{chr(cp)}b") == f"contains U+{cp:04X} (invisible)"
+
+
+def test_the_neighbours_of_ignorable_ranges_are_accepted() -> None:
+    for cp in (0x00AC, 0x00AE, 0x034E, 0x0350, 0x061B, 0x061D, 0x115E, 0x1161, 0x17B3,
+               0x17B6, 0x180A, 0x1810, 0x2010, 0x205F, 0x2070, 0x3163, 0x3165, 0xFDFF,
+               0xFE10, 0xFF9F, 0xFFA1, 0x1BC9F, 0x1D172, 0x1D17B, 0xE1000):
+        assert name_problem(f"a{chr(cp)}b") is None, f"U+{cp:04X}"
+
+
+def test_the_ignorable_table_is_the_unicode_14_list() -> None:
+    assert DEFAULT_IGNORABLE == tuple(sorted(DEFAULT_IGNORABLE))
+    assert sum(hi - lo + 1 for lo, hi in DEFAULT_IGNORABLE) == 4174
+
+
+def test_a_braille_blank_is_refused_as_invisible() -> None:
+    assert BLANKS == frozenset({"\u2800"})
+    assert name_problem("a\u2800b") == "contains U+2800 (invisible)"
+    assert name_problem("a\u2801b") is None  # a visible braille pattern
+
+
+@pytest.mark.parametrize("mark", ["\u0301", "\u0903", "\u20dd", "\U0001d165"],
+                         ids=["Mn", "Mc", "Me", "Mc-musical"])
+def test_a_leading_combining_mark_is_refused(mark: str) -> None:
+    assert unicodedata.category(mark).startswith("M")
+    assert name_problem(mark + "x") == f"begins with combining mark U+{ord(mark):04X}"
+    assert name_problem("x" + mark) is None  # it combines with the x before it
+
+
+@pytest.mark.parametrize("char", sorted(c for c, v in PATH_LOOKALIKES.items() if v == "/"))
+def test_slash_look_alikes_are_refused(char: str) -> None:
+    assert name_problem(f"a{char}b") == f"contains U+{ord(char):04X} (looks like '/')"
+
+
+@pytest.mark.parametrize("char", sorted(c for c, v in PATH_LOOKALIKES.items() if v == "\\"))
+def test_backslash_look_alikes_are_refused(char: str) -> None:
+    assert name_problem(f"a{char}b") == f"contains U+{ord(char):04X} (looks like '\\\\')"
+
+
+@pytest.mark.parametrize("char", sorted(c for c, v in PATH_LOOKALIKES.items() if v == "."))
+def test_dot_look_alikes_are_refused(char: str) -> None:
+    assert name_problem(f"a{char}b") == f"contains U+{ord(char):04X} (looks like '.')"
+
+
+def test_the_look_alike_list_is_the_documented_one() -> None:
+    documented = {
+        "/": {0x1735, 0x2041, 0x2044, 0x2215, 0x2571, 0x27CB, 0x29F8, 0x2F03, 0x31D3, 0xFF0F,
+              0x1D23A},
+        "\\": {0x2216, 0x27CD, 0x29F5, 0x29F9, 0x2F02, 0x31D4, 0xFE68, 0xFF3C, 0x1D20F,
+               0x1D23B},
+        ".": {0x0701, 0x0702, 0x2024, 0x2025, 0x2026, 0xA60E, 0xFE19, 0xFE30, 0xFE52, 0xFF0E,
+              0x10A50, 0x1D16D},
+    }
+    assert {v: {ord(c) for c, w in PATH_LOOKALIKES.items() if w == v} for v in documented} \
+        == documented
+    assert set(PATH_LOOKALIKES.values()) == set(documented)
+
+
+def test_every_compatibility_form_of_a_path_character_is_refused() -> None:
+    forms = [chr(cp) for cp in range(sys.maxunicode + 1)
+             if not 0xD800 <= cp <= 0xDFFF
+             and unicodedata.normalize("NFKC", chr(cp)) in ("/", "\\", ".", "..", "...")
+             and chr(cp) not in "/\\."]
+    assert len(forms) >= 10
+    assert [c for c in forms if name_problem(f"a{c}b") is None] == []
+
+
+@pytest.mark.parametrize("name", ["\u30ce\u30fc\u30c8.txt", "\u4e3f", "\u4e36", "\u0660\u0661.txt",
+                                  "\u06f0.txt", "\u2cc6", "a\u3033", "\ua4f8a", "a\\b", "a.b"],
+                         ids=["katakana-no", "cjk-slash", "cjk-dot", "arabic-indic-zero",
+                              "extended-arabic-indic-zero", "coptic-esh", "kana-repeat",
+                              "lisu-tone", "ascii-backslash", "ascii-dot"])
+def test_letters_and_digits_that_resemble_path_characters_are_kept(name: str) -> None:
+    # Ordinary words in these scripts use them; refusing them would refuse real names.
+    assert name_problem(name) is None
+
+
+def _imports(path: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = "." * node.level + (node.module or "")
+            found.update(f"{base}:{alias.name}" for alias in node.names)
+    return found
+
+
+def test_client_and_server_judge_names_with_the_one_checker() -> None:
+    package = Path(__import__("rstash").__file__).parent
+    modules = {p.relative_to(package).as_posix(): _imports(p) for p in package.rglob("*.py")}
+    # Only names.py looks at Unicode properties; everyone else asks it.
+    assert [m for m, imp in modules.items() if "unicodedata" in imp] == ["names.py"]
+    users = {m for m, imp in modules.items()
+             if any(i.endswith(("names:name_problem", "names:check_name")) for i in imp)}
+    assert any(m == "session.py" or m.startswith("server/") for m in users), users
+    assert any(m == "send.py" or m.startswith("client/") for m in users), users
 
 
 @pytest.mark.parametrize("raw", [
