@@ -39,10 +39,18 @@ def b64url(data: bytes) -> str:
 
 
 def b64url_decode(text: str) -> bytes:
-    """Inverse of :func:`b64url`; raises ValueError on anything else."""
+    """Inverse of :func:`b64url`; raises ValueError on anything else.
+
+    Only the canonical text is accepted: a last character whose unused low bits
+    are set decodes to the same bytes, so accepting it would give one value two
+    spellings (rstash(7) Notation).
+    """
     if not re.fullmatch(r"[A-Za-z0-9_-]*", text) or len(text) % 4 == 1:
         raise ValueError("not unpadded base64url")
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if b64url(data) != text:
+        raise ValueError("not canonical base64url")
+    return data
 
 
 def u16(n: int) -> bytes:

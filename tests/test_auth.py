@@ -553,6 +553,18 @@ def test_b64url_decode_refuses_padded_or_standard_alphabet(text: str) -> None:
         auth.b64url_decode(text)
 
 
+@pytest.mark.parametrize(("canonical", "other"), [
+    ("yAdegu-JTpjQQCIpy0rD9Q", "yAdegu-JTpjQQCIpy0rD9R"),  # 16 bytes: 4 unused bits
+    ("yAdegu-JTpjQQCIpy0rD9Q", "yAdegu-JTpjQQCIpy0rD9f"),
+    ("AA", "AB"),  # 1 byte: 4 unused bits
+    ("AAA", "AAB"),  # 2 bytes: 2 unused bits
+])
+def test_b64url_decode_refuses_a_non_canonical_last_character(canonical: str, other: str) -> None:
+    assert auth.b64url_decode(canonical)
+    with pytest.raises(ValueError, match="canonical"):
+        auth.b64url_decode(other)
+
+
 def test_b64url_is_unpadded_and_round_trips() -> None:
     for n in range(0, 40):
         data = bytes(range(250, 256)) * 7

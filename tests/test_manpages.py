@@ -133,3 +133,14 @@ def test_vector_script_uses_only_the_standard_library() -> None:
     # sys for --check; typing and __future__ only for annotations.
     allowed = {"base64", "hashlib", "hmac", "json", "struct", "sys", "typing", "__future__"}
     assert imported <= allowed
+
+
+def test_every_further_and_negative_vector_is_checked_against_the_implementation() -> None:
+    # tests/test_vectors.py feeds each of these to rstash; a case added to the
+    # script without a check there would document behaviour nobody verifies.
+    checks = (ROOT / "tests" / "test_vectors.py").read_text(encoding="utf-8")
+    vectors = _vectors()
+    cases = [*vectors["more"], *vectors["negative"]]
+    assert len(cases) >= 9
+    missing = [case for case in cases if f'"{case}"' not in checks]
+    assert missing == []

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Independent rstash/1 test vectors, written from rstash(7) and the brief alone.
+"""Independent rstash/1 test vectors, written from rstash(7) alone.
 
 Never import the rstash package here: these vectors exist to catch the
 implementation and the specification drifting apart.  Standard library only
@@ -30,6 +30,27 @@ without CRLF, integers are JSON numbers):
                     also carries its own hello_without_proof, th, proof,
                     k_c2s, k_s2c (mode 2, G empty)
   percent_encoding  {input, output}: a name and its form in reply lines
+  more              further cases, all under the interactive keys unless
+                    said otherwise:
+    would_store     dry-run FILE i=0 (flags 1) of inputs.file: hdr, payload,
+                    receipt_line ("250 would store", n = 0, D = zeros)
+    aborted         ABORT of file i=0 (payload) and its "426 aborted" line
+    renamed         file i=1 "hello.txt" stored as "hello~1.txt" (a receipt
+                    for i > 0 whose final name is not the requested one):
+                    hdr, payload, end_payload, receipt_line
+    utf8_name       file i=2 named inputs' utf8 name: hdr, payload,
+                    end_payload, receipt_line (UTF-8 and "%" percent-encoded)
+    unknown_size    file i=3 "db.sql.gz", size 2^64-1 (streamed), content
+                    inputs.content: hdr, payload, end_payload, receipt_line
+    server_id       HELLO (mode 1, G = the greeting) carrying ext tag 1 =
+                    inputs.server_id: ext, hello_without_proof, th, proof,
+                    k_c2s, k_s2c, auth_line
+  negative          inputs that must be refused:
+    bad_file_tag    FILE payload of file0 with the last tag byte XOR 0x01;
+                    the server answers reply_line (no NAME) and ends
+    non_canonical_auth_line     the 235 line with a non-canonical MAC (the
+                    same 16 bytes, last character's unused bits set)
+    non_canonical_receipt_line  the file0 receipt likewise
 """
 
 from __future__ import annotations
@@ -80,6 +101,10 @@ T = 1767225600
 NAME, SIZE, MTIME, FLAGS, TID, OFFSET = "hello.txt", 14, 1767225000, 0, bytes(16), 0
 CONTENT = b"hello, rstash\n"
 REFUSED = "../etc/passwd"
+UTF8_NAME = "Gr\u00fc\u00dfe 100%.txt"
+STREAM_NAME = "db.sql.gz"
+SERVER_ID = "backup.example"
+UNKNOWN = 2**64 - 1
 GREETING = "220 rstash/1 methods=hmac-sha256 challenge=" + b64url(CHALLENGE)
 
 PRK = mac(b"rstash/1", K)
@@ -92,8 +117,8 @@ def E(info: bytes, n: int = 32) -> bytes:
 KEY_ID = E(b"key-id\0", 8)
 
 
-def handshake(mode: int, g: str) -> dict[str, bytes]:
-    body = bytes([1, mode, 1]) + s(BOX.encode()) + KEY_ID + NC + u64(T) + s(b"")
+def handshake(mode: int, g: str, ext: bytes = b"") -> dict[str, bytes]:
+    body = bytes([1, mode, 1]) + s(BOX.encode()) + KEY_ID + NC + u64(T) + s(ext)
     th = hashlib.sha256(b"rstash/1 hello\0" + s(g.encode()) + body).digest()
     proof = E(b"c2s proof\0" + th)
     return dict(
@@ -159,6 +184,72 @@ def session(hs: dict[str, bytes]) -> tuple[dict[str, Any], bytes, str, str, dict
     return f, bye, done, auth, dict(client_hex=client, server_lines=lines, server_hex=server)
 
 
+def header(i: int, name: str, size: int, flags: int = 0) -> bytes:
+    return (u64(i) + s(name.encode()) + u64(size) + struct.pack(">q", MTIME) + bytes([flags])
+            + TID + u64(OFFSET))
+
+
+def stored(hs: dict[str, bytes], i: int, name: str, size: int, final: str) -> dict[str, Any]:
+    hdr = header(i, name, size)
+    d = hashlib.sha256(CONTENT).digest()
+    end = mac(hs["k_c2s"], b"END\0" + hashlib.sha256(hdr).digest() + u64(len(CONTENT)) + d)
+    rm = receipt(hs["k_s2c"], i, 250, final, len(CONTENT), d)
+    return dict(
+        hdr=hdr,
+        payload=hdr + mac(hs["k_c2s"], b"FILE\0" + hdr),
+        end_payload=u64(len(CONTENT)) + end,
+        receipt_line=f"250 stored {len(CONTENT)} sha256:{d.hex()} {pct(final)} mac={rm}",
+    )
+
+
+def non_canonical(line: str) -> str:
+    """The line with its 22-character MAC's last character replaced by one that
+    decodes to the same 16 bytes under a lenient decoder (low 4 bits set)."""
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    last = alphabet.index(line[-1])
+    assert last & 0x0F == 0
+    return line[:-1] + alphabet[last | 0x01]
+
+
+def more(ia: dict[str, bytes], f: dict[str, Any]) -> dict[str, Any]:
+    k_s2c = ia["k_s2c"]
+    dry = header(0, NAME, SIZE, flags=1)
+    ws = receipt(k_s2c, 0, 250, NAME)
+    ab = receipt(k_s2c, 0, 426, NAME)
+    ext = bytes([1]) + s(SERVER_ID.encode())
+    sid = handshake(1, GREETING, ext)
+    return dict(
+        would_store=dict(
+            hdr=dry,
+            payload=dry + mac(ia["k_c2s"], b"FILE\0" + dry),
+            receipt_line=f"250 would store {pct(NAME)} mac={ws}",
+        ),
+        aborted=dict(abort_payload=f["abort_payload"], reply_line=f"426 aborted {pct(NAME)} mac={ab}"),
+        renamed=stored(ia, 1, NAME, SIZE, "hello~1.txt"),
+        utf8_name=stored(ia, 2, UTF8_NAME, SIZE, UTF8_NAME),
+        unknown_size=stored(ia, 3, STREAM_NAME, UNKNOWN, STREAM_NAME),
+        server_id=dict(
+            ext=ext,
+            hello_without_proof=sid["hello_without_proof"],
+            th=sid["th"],
+            proof=sid["proof"],
+            k_c2s=sid["k_c2s"],
+            k_s2c=sid["k_s2c"],
+            auth_line="235 ok mac=" + b64url(mac(sid["k_s2c"], b"AUTH\0")[:16]),
+        ),
+    )
+
+
+def negative(f: dict[str, Any], auth: str) -> dict[str, Any]:
+    bad = bytearray(f["payload"])
+    bad[-1] ^= 0x01
+    return dict(
+        bad_file_tag=dict(payload=bytes(bad), reply_line="554 integrity check failed"),
+        non_canonical_auth_line=non_canonical(auth),
+        non_canonical_receipt_line=non_canonical(f["receipt_line"]),
+    )
+
+
 def hexify(o: Any) -> Any:
     if isinstance(o, bytes):
         return o.hex()
@@ -203,6 +294,9 @@ def build() -> Any:
                     "offset": OFFSET,
                 },
                 "refused_name": REFUSED,
+                "utf8_name": UTF8_NAME,
+                "stream_name": STREAM_NAME,
+                "server_id": SERVER_ID,
             },
             "key_file_line": f"rstash-key-v1 {K.hex()} # {COMMENT}",
             "fingerprint": fp,
@@ -219,6 +313,8 @@ def build() -> Any:
             },
             "sessions": {"interactive": ia_session, "pipe": pipe_session},
             "percent_encoding": {"input": "a b%c\u00e9", "output": pct("a b%c\u00e9")},
+            "more": more(ia, f),
+            "negative": negative(f, auth),
         }
     )
 

@@ -1,0 +1,196 @@
+"""rstash agrees with the independent vectors of rstash(7) TEST VECTORS: the
+further cases (dry run, 426, a renamed file, UTF-8 and percent-encoded names,
+unknown size, ext tag 1, receipts for i > 0) and the negative ones, which the
+implementation must refuse.
+
+tests/vectors/vectors.json is written by tests/vectors/make_vectors.py from
+the page alone; here rstash computes the same values, and its client and server
+halves are fed the vector bytes and lines.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rstash import auth, protocol
+from rstash.errors import RemoteProtocolError
+from rstash.protocol import ClientConnection, IntegrityError, Receipt, ServerConnection
+
+RAW: dict[str, Any] = json.loads((Path(__file__).parent / "vectors" / "vectors.json")
+                                 .read_text(encoding="ascii"))
+INP = RAW["inputs"]
+KEY = auth.Key(bytes.fromhex(INP["key"]), INP["key_comment"])
+CONTENT = bytes.fromhex(INP["content"])
+MTIME = INP["file"]["mtime"]
+GREETING = RAW["interactive"]["greeting"]
+MORE = RAW["more"]
+NEG = RAW["negative"]
+
+
+def h(*path: str) -> bytes:
+    node: Any = RAW
+    for part in path:
+        node = node[part]
+    return bytes.fromhex(node)
+
+
+def ia_keys() -> auth.SessionKeys:
+    return auth.session_keys(KEY, GREETING.encode("ascii"), h("interactive", "hello_without_proof"))
+
+
+def wire(text: str) -> bytes:
+    return text.encode("ascii") + b"\r\n"
+
+
+def authed_client(server_id: str | None = None) -> ClientConnection:
+    """A client that read the vector greeting, sent the vector HELLO and verified 235."""
+    client = ClientConnection(KEY, INP["box"], server_id=server_id)
+    client.receive_data(wire(GREETING))
+    assert isinstance(client.next_event(), protocol.Greeting)
+    client.hello(bytes.fromhex(INP["nc"]), INP["t"])
+    auth_line = MORE["server_id"]["auth_line"] if server_id else RAW["interactive"]["auth_line"]
+    client.receive_data(wire(auth_line))
+    assert isinstance(client.next_event(), protocol.AuthOk)
+    return client
+
+
+def send_file(client: ClientConnection, name: bytes, size: int | None) -> bytes:
+    frames = client.file(name, size, MTIME)
+    frames += client.data(CONTENT)
+    return frames + client.end()
+
+
+def receipt(client: ClientConnection, line: str) -> Receipt:
+    client.receive_data(wire(line))
+    event = client.next_event()
+    assert isinstance(event, Receipt)
+    return event
+
+
+# --- the further cases --------------------------------------------------------------
+
+
+def test_dry_run_header_and_would_store_line_match() -> None:
+    name = INP["file"]["name"].encode()
+    hdr = protocol.encode_file_header(0, name, INP["file"]["size"], MTIME, protocol.FLAG_DRY_RUN)
+    assert hdr == h("more", "would_store", "hdr")
+    keys = ia_keys()
+    assert protocol.receipt_line(keys, 0, 250, name, dry_run=True) \
+        == wire(MORE["would_store"]["receipt_line"])
+    client = authed_client()
+    frame = client.file(name, INP["file"]["size"], MTIME, dry_run=True)
+    assert frame[5:] == h("more", "would_store", "payload")
+    event = receipt(client, MORE["would_store"]["receipt_line"])
+    assert event.dry_run and event.code == 250 and event.final_name == name
+    assert event.reason == "would store" and event.size == 0
+
+
+def test_abort_and_426_line_match() -> None:
+    name = INP["file"]["name"].encode()
+    assert protocol.receipt_line(ia_keys(), 0, 426, name) == wire(MORE["aborted"]["reply_line"])
+    client = authed_client()
+    client.file(name, INP["file"]["size"], MTIME)
+    assert client.abort()[5:] == h("more", "aborted", "abort_payload")
+    event = receipt(client, MORE["aborted"]["reply_line"])
+    assert event.code == 426 and not event.ok
+
+
+@pytest.mark.parametrize(("case", "index", "name", "size", "final"), [
+    ("renamed", 1, "hello.txt", 14, "hello~1.txt"),
+    ("utf8_name", 2, INP["utf8_name"], 14, INP["utf8_name"]),
+    ("unknown_size", 3, INP["stream_name"], None, INP["stream_name"]),
+])
+def test_stored_receipts_for_later_files_match(case: str, index: int, name: str,
+                                               size: int | None, final: str) -> None:
+    keys = ia_keys()
+    raw = name.encode("utf-8")
+    hdr = protocol.encode_file_header(index, raw, size, MTIME)
+    assert hdr == h("more", case, "hdr")
+    digest = h("file0", "content_sha256")
+    line = MORE[case]["receipt_line"]
+    assert protocol.receipt_line(keys, index, 250, raw, final_name=final.encode(), n=len(CONTENT),
+                                 sha256=digest) == wire(line)
+    # The client sends files 0 .. index and verifies the last receipt.
+    client = authed_client()
+    for earlier in range(index):
+        send_file(client, b"f%d" % earlier, len(CONTENT))
+    frames = send_file(client, raw, size)
+    assert h("more", case, "payload") in frames
+    assert frames.endswith(h("more", case, "end_payload"))
+    for earlier in range(index):
+        receipt(client, protocol.receipt_line(keys, earlier, 553, b"f%d" % earlier)
+                .decode().rstrip("\r\n"))
+    event = receipt(client, line)
+    assert event.ok and event.index == index and event.final_name == final.encode()
+
+
+def test_hello_with_server_id_matches() -> None:
+    sid = MORE["server_id"]
+    assert protocol.encode_ext({protocol.EXT_SERVER_ID: INP["server_id"].encode()}) == h(
+        "more", "server_id", "ext")
+    client = ClientConnection(KEY, INP["box"], server_id=INP["server_id"])
+    client.receive_data(wire(GREETING))
+    client.next_event()
+    payload = client.hello(bytes.fromhex(INP["nc"]), INP["t"])[5:]
+    assert payload == h("more", "server_id", "hello_without_proof") + h("more", "server_id",
+                                                                         "proof")
+    keys = auth.session_keys(KEY, GREETING.encode(), h("more", "server_id", "hello_without_proof"))
+    assert keys.k_c2s == h("more", "server_id", "k_c2s")
+    assert keys.k_s2c == h("more", "server_id", "k_s2c")
+    assert protocol.auth_ok_line(keys) == wire(sid["auth_line"])
+    hello = protocol.parse_hello(payload)
+    assert hello.server_id == INP["server_id"]
+
+
+# --- the negative cases -------------------------------------------------------------
+
+
+def test_a_tampered_file_tag_gets_554_without_a_name() -> None:
+    server = ServerConnection()
+    server.receive_data(protocol.frame(protocol.FrameType.HELLO, h("interactive", "hello_payload")))
+    assert isinstance(server.next_event(), protocol.Hello)
+    server.authenticate(ia_keys())
+    server.receive_data(protocol.frame(protocol.FrameType.FILE, h("negative", "bad_file_tag",
+                                                                    "payload")))
+    with pytest.raises(IntegrityError) as err:
+        server.next_event()
+    assert protocol.integrity_line(err.value.name) == wire(NEG["bad_file_tag"]["reply_line"])
+
+
+def test_a_non_canonical_235_mac_is_refused() -> None:
+    client = ClientConnection(KEY, INP["box"])
+    client.receive_data(wire(GREETING))
+    client.next_event()
+    client.hello(bytes.fromhex(INP["nc"]), INP["t"])
+    client.receive_data(wire(NEG["non_canonical_auth_line"]))
+    with pytest.raises(RemoteProtocolError):
+        client.next_event()
+
+
+def test_a_non_canonical_receipt_mac_is_refused() -> None:
+    client = authed_client()
+    send_file(client, INP["file"]["name"].encode(), INP["file"]["size"])
+    client.receive_data(wire(NEG["non_canonical_receipt_line"]))
+    with pytest.raises(RemoteProtocolError):
+        client.next_event()
+    # The canonical line is accepted by a fresh client: only the spelling differs.
+    fresh = authed_client()
+    send_file(fresh, INP["file"]["name"].encode(), INP["file"]["size"])
+    assert receipt(fresh, RAW["file0"]["receipt_line"]).ok
+
+
+def test_non_canonical_lines_decode_to_the_same_mac() -> None:
+    # What makes them negative vectors: a lenient decoder would take them.
+    import base64
+
+    for bad, good in ((NEG["non_canonical_auth_line"], RAW["interactive"]["auth_line"]),
+                      (NEG["non_canonical_receipt_line"], RAW["file0"]["receipt_line"])):
+        b, g = bad.rsplit("mac=", 1)[1], good.rsplit("mac=", 1)[1]
+        assert b != g
+        assert base64.urlsafe_b64decode(b + "==") == base64.urlsafe_b64decode(g + "==")
+        with pytest.raises(ValueError):
+            auth.b64url_decode(b)
