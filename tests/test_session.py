@@ -190,3 +190,14 @@ def test_an_interactive_session_does_not_check_the_clients_time_but_logs_it(tmp_
     lines = _run(conf, log, client)
     assert lines[1].startswith(b"235 ok ") and lines[2].startswith(b"250 stored 2 ")
     assert "client_time=12345" in log.read_text()
+
+
+def test_the_server_refuses_invisible_and_look_alike_names_with_553(tmp_path: Path) -> None:
+    # rstash(7) NAMES: one name per refused class, judged by the server's own checker.
+    key, conf, log = _site(tmp_path)
+    names = ["\u3164", "a\u2800b", "a\ufffeb", "\u0301a", "\u2024\u2024\u2215x", "a\uff3cb"]
+    lines = _run(conf, log, _interactive(key, lambda c: _files(c, [*names, "ok.txt"]) + c.bye()))
+    codes = [line[:3] for line in lines[2:-1]]
+    assert codes == [b"553"] * len(names) + [b"250"]
+    assert lines[-1].startswith(b"221 bye 1 ")
+    assert sorted(p.name for p in (tmp_path / "box").iterdir()) == ["ok.txt"]
