@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import rstash.names as names_module
 from rstash.names import (
     BLANKS,
     DEFAULT_IGNORABLE,
@@ -264,7 +265,7 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_client_and_server_judge_names_with_the_one_checker() -> None:
-    package = Path(__import__("rstash").__file__).parent
+    package = Path(names_module.__file__ or "").parent
     modules = {p.relative_to(package).as_posix(): _imports(p) for p in package.rglob("*.py")}
     # Only names.py looks at Unicode properties; everyone else asks it.
     assert [m for m, imp in modules.items() if "unicodedata" in imp] == ["names.py"]
