@@ -167,6 +167,22 @@ class RemoteProtocolError(ProtocolError):
     exit_status = Exit.PROTOCOL
 
 
+class IntegrityError(RemoteProtocolError):
+    """A tag failed: ``554 integrity check failed NAME``; ends the session.
+
+    ``name`` is the file's name when the failing frame belongs to a known file
+    (empty for a FILE whose own tag failed: none of its fields is believed), and
+    ``sha256`` the server's digest of what it received, for the log.
+    """
+
+    reply = Reply.INTEGRITY
+
+    def __init__(self, message: str, name: bytes = b"", sha256: bytes | None = None) -> None:
+        super().__init__(message)
+        self.name = name
+        self.sha256 = sha256
+
+
 class AuthenticationFailed(RstashError):
     """The proof (or the server's 235 MAC) did not verify."""
 

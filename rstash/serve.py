@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
-from . import protocol
+from . import wire
 from .config import Config, load_config
 from .errors import ConfigError, Exit, Reply, RstashError
 from .log import Logger
@@ -432,7 +432,7 @@ class Server:
                          reason=reason)
         try:
             conn.setblocking(False)
-            conn.send(protocol.session_line(Reply.BUSY))
+            conn.send(wire.session_line(Reply.BUSY))
             conn.shutdown(socket.SHUT_WR)
             # Unread bytes at close() turn the FIN into a RST, which may destroy the
             # 421 line before the client reads it: take what has already arrived.

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import auth, protocol
+from . import auth, wire
 from .config import BoxConfig, Config
 from .errors import (
     Exit,
@@ -53,7 +53,7 @@ class SessionResult:
 
 @dataclass
 class _FileState:
-    header: protocol.FileHeader
+    header: wire.FileHeader
     name: str
     upload: Any = None  # store.Upload while receiving
     replied: bool = False
@@ -81,7 +81,7 @@ class ServerSession:
         self.log = log
         self.peer = peer
         self.allowed_boxes = allowed_boxes
-        self.conn = protocol.ServerConnection()
+        self.conn = wire.ServerConnection()
         self.result = SessionResult()
         self.started = time.monotonic()
         self.preauth_deadline = self.started + cfg.preauth_timeout
@@ -96,7 +96,7 @@ class ServerSession:
         #: the delivery log: None until first used, False when state_dir is unfit
         self._db: Any = None
         #: verified files (END checked) whose commit, directory fsync and reply are pending
-        self._ended: list[tuple[_FileState, Any, protocol.End]] = []
+        self._ended: list[tuple[_FileState, Any, wire.End]] = []
 
     # -- I/O --
 
@@ -109,10 +109,10 @@ class ServerSession:
     def send(self, data: bytes) -> None:
         self.stream.write(data, self._deadline())
 
-    def _next(self) -> protocol.ServerEvent:
+    def _next(self) -> wire.ServerEvent:
         while True:
             event = self.conn.next_event()
-            if event is not protocol.NEED_DATA:
+            if event is not wire.NEED_DATA:
                 return event
             if self._ended:
                 # Nothing more is buffered: reply to what is verified before waiting.
@@ -124,11 +124,11 @@ class ServerSession:
     def run(self) -> SessionResult:
         try:
             self._run()
-        except protocol.IntegrityError as e:
+        except wire.IntegrityError as e:
             self._abort_current()
             self._log_session("integrity", Reply.INTEGRITY, detail=e.message,
                               sha256=e.sha256.hex() if e.sha256 else None)
-            self._try_send(protocol.integrity_line(e.name))
+            self._try_send(wire.integrity_line(e.name))
             self.result.status = Exit.REFUSED
         except RemoteProtocolError as e:
             self._abort_current()
@@ -137,12 +137,12 @@ class ServerSession:
                                                   Reply.METHOD_NOT_SUPPORTED):
                 code = Reply.AUTH_FAILED
             self._log_session("protocol_error", code, detail=e.message)
-            self._try_send(protocol.session_line(code))
+            self._try_send(wire.session_line(code))
             self.result.status = Exit.REFUSED
         except PeerTimeout as e:
             self._abort_current()
             self._log_session("timeout", Reply.BUSY, detail=e.message)
-            self._try_send(protocol.line("421 timeout"))
+            self._try_send(wire.line("421 timeout"))
             self.result.status = Exit.REFUSED
         except TransportError as e:
             self._abort_current()
@@ -161,20 +161,20 @@ class ServerSession:
     def _run(self) -> None:
         self._load_keys()
         challenge = secrets.token_bytes(32)
-        greeting = protocol.greeting_line(challenge)
-        self.send(protocol.line(greeting))
+        greeting = wire.greeting_line(challenge)
+        self.send(wire.line(greeting))
         event = self._next()
-        if isinstance(event, protocol.ConnectionClosed):
+        if isinstance(event, wire.ConnectionClosed):
             self._log_session("truncated", None, detail="closed before HELLO")
             self.result.status = Exit.REFUSED
             return
-        assert isinstance(event, protocol.Hello)
+        assert isinstance(event, wire.Hello)
         if not self._judge_hello(event, greeting.encode("ascii")):
             return
         self._serve_files()
 
-    def _judge_hello(self, hello: protocol.Hello, greeting: bytes) -> bool:
-        pipe = hello.mode == protocol.MODE_PIPE
+    def _judge_hello(self, hello: wire.Hello, greeting: bytes) -> bool:
+        pipe = hello.mode == wire.MODE_PIPE
         self.mode = "pipe" if pipe else "interactive"
         box, candidates, why = self._find_key(hello)
         # The proof is always computed, with the dummy key when no key id matched,
@@ -199,7 +199,7 @@ class ServerSession:
                              reason=why)
             # Authentication failures go to the log (fail2ban reads it), never to the
             # delivery database: a peer without a key must not be able to grow it.
-            self.send(protocol.session_line(Reply.AUTH_FAILED))
+            self.send(wire.session_line(Reply.AUTH_FAILED))
             self.result.outcome = "auth_failed"
             return False
         self.box, self.key, self.keys = box, key, keys
@@ -210,7 +210,7 @@ class ServerSession:
             if refusal is not None:
                 self.send(refusal)
                 return False
-        self.send(protocol.auth_ok_line(keys))
+        self.send(wire.auth_ok_line(keys))
         if self.on_authenticated is not None:
             self.on_authenticated()
         # An interactive session's time is not checked (its proof binds our challenge);
@@ -236,7 +236,7 @@ class ServerSession:
                     self.log.error(event="key", box=name, outcome="error", detail=e.message)
             self._box_keys[name] = loaded
 
-    def _find_key(self, hello: protocol.Hello) -> tuple[BoxConfig | None, list[auth.Key], str | None]:
+    def _find_key(self, hello: wire.Hello) -> tuple[BoxConfig | None, list[auth.Key], str | None]:
         """The box, the keys whose id matches, and why the HELLO fails already (or None)."""
         try:
             name: str | None = hello.box.decode("utf-8")
@@ -256,14 +256,14 @@ class ServerSession:
         candidates = [k for k in keys or [_DUMMY_KEY] if auth.verify(k.key_id, hello.key_id)]
         return box, [k for k in candidates if k is not _DUMMY_KEY], why
 
-    def _judge_pipe(self, hello: protocol.Hello) -> bytes | None:
+    def _judge_pipe(self, hello: wire.Hello) -> bytes | None:
         box = self.box
         assert box is not None
         if not box.pipe_mode:
             self.log.warning(event="session", box=box.name, peer=self.peer, mode="pipe",
                              outcome="refused", code=Reply.PIPE_MODE_OFF, reason="pipe mode off")
             self.result.outcome = "refused"
-            return protocol.session_line(Reply.PIPE_MODE_OFF)
+            return wire.session_line(Reply.PIPE_MODE_OFF)
         from . import state
 
         skew = hello.time - int(time.time())
@@ -278,7 +278,7 @@ class ServerSession:
             self.log.warning(event="session", box=box.name, peer=self.peer, mode="pipe",
                              outcome="refused", code=Reply.CLOCK_SKEW, reason=f"clock skew {skew:+d} s")
             self.result.outcome = "refused"
-            return protocol.skew_line(skew)
+            return wire.skew_line(skew)
         except state.ReplayRefused as e:
             # detail tells "nonce already seen" from "not above the box's floor" (a stream
             # made before the replay cache existed): the reply line must not, the admin must.
@@ -286,13 +286,13 @@ class ServerSession:
                              outcome="refused", code=Reply.REPLAYED, reason="replayed session",
                              detail=e.message)
             self.result.outcome = "refused"
-            return protocol.session_line(Reply.REPLAYED)
+            return wire.session_line(Reply.REPLAYED)
         except RstashError as e:
             # The replay cache fails closed.
             self.log.error(event="session", box=box.name, peer=self.peer, mode="pipe",
                            outcome="error", code=Reply.LOCAL_ERROR, detail=e.message)
             self.result.outcome = "error"
-            return protocol.session_line(Reply.LOCAL_ERROR)
+            return wire.session_line(Reply.LOCAL_ERROR)
         return None
 
     def _serve_files(self) -> None:
@@ -309,13 +309,13 @@ class ServerSession:
         except RstashError as e:
             self.log.error(event="session", box=box.name, outcome="error", code=Reply.LOCAL_ERROR,
                            detail=e.message)
-            self.send(protocol.session_line(Reply.LOCAL_ERROR))
+            self.send(wire.session_line(Reply.LOCAL_ERROR))
             self.result.status = Exit.LOCAL
             return
         except OSError as e:
             self.log.error(event="session", box=box.name, outcome="error", code=Reply.LOCAL_ERROR,
                            detail=f"{box.path}: {e.strerror}")
-            self.send(protocol.session_line(Reply.LOCAL_ERROR))
+            self.send(wire.session_line(Reply.LOCAL_ERROR))
             self.result.status = Exit.LOCAL
             return
         try:
@@ -327,20 +327,20 @@ class ServerSession:
         self._cur = cur
         while True:
             event = self._next()
-            if isinstance(event, protocol.File):
+            if isinstance(event, wire.File):
                 self._cur = self._on_file(event.header)
-            elif isinstance(event, protocol.Data):
+            elif isinstance(event, wire.Data):
                 self._on_data(event.data)
-            elif isinstance(event, protocol.End):
+            elif isinstance(event, wire.End):
                 self._on_end(event)
-            elif isinstance(event, protocol.Abort):
+            elif isinstance(event, wire.Abort):
                 self._on_abort()
-            elif isinstance(event, protocol.Bye):
+            elif isinstance(event, wire.Bye):
                 self._flush_ended()
-                self.send(protocol.bye_line(self.keys, event.count, self.result.stored))
+                self.send(wire.bye_line(self.keys, event.count, self.result.stored))
                 self.result.outcome = "complete"
                 self._log_session("complete", Reply.BYE)
-            elif isinstance(event, protocol.ConnectionClosed):
+            elif isinstance(event, wire.ConnectionClosed):
                 self._flush_ended()
                 if event.clean:
                     return
@@ -359,7 +359,7 @@ class ServerSession:
     def _send_receipt(self, st: _FileState, code: int, reason: str | None = None, **kw: Any) -> None:
         assert self.keys is not None
         st.replied = True
-        self.send(protocol.receipt_line(self.keys, st.header.index, code, st.header.name,
+        self.send(wire.receipt_line(self.keys, st.header.index, code, st.header.name,
                                         reason=reason, **kw))
 
     def _refuse(self, st: _FileState, code: int, reason: str, detail: str = "") -> None:
@@ -368,7 +368,7 @@ class ServerSession:
         self._log_file(st, outcome_of(code), code, reason=reason, detail=detail or None)
         self._reply(st, code, reason)
 
-    def _on_file(self, hdr: protocol.FileHeader) -> _FileState:
+    def _on_file(self, hdr: wire.FileHeader) -> _FileState:
         from .store import Refused
 
         box = self.box
@@ -410,7 +410,7 @@ class ServerSession:
             st.upload = None
             self._refuse(st, int(e.reply or Reply.LOCAL_ERROR), e.reason, e.detail)
 
-    def _on_end(self, end: protocol.End) -> None:
+    def _on_end(self, end: wire.End) -> None:
         st = self._cur
         self._cur = None
         if st is None or st.upload is None:
@@ -432,7 +432,7 @@ class ServerSession:
         batch, self._ended = self._ended, []
         if not batch:
             return
-        done: list[tuple[_FileState, protocol.End, str | None, Refused | None]] = []
+        done: list[tuple[_FileState, wire.End, str | None, Refused | None]] = []
         for st, upload, end in batch:
             try:
                 done.append((st, end, upload.commit(sync_dir=False), None))

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from rstash import auth, protocol
+from rstash import auth, wire
 from rstash.config import Config, load_config
 from rstash.hooks import Delivery, hook_argv, hook_env
 from rstash.log import Logger
@@ -130,13 +130,13 @@ def serve(cfg: Config, client: Client, *, peer: str | None = "192.0.2.1",
 
 
 def hello_client(box: str, key: bytes, *, pipe: bool = False, server_id: str | None = None,
-                 after: Callable[[protocol.ClientConnection], bytes] | None = None,
+                 after: Callable[[wire.ClientConnection], bytes] | None = None,
                  sent_at: list[float] | None = None) -> Client:
     def client(sock: socket.socket, greeting: bytes) -> None:
-        c = protocol.ClientConnection(auth.Key(key), box, pipe=pipe, server_id=server_id)
+        c = wire.ClientConnection(auth.Key(key), box, pipe=pipe, server_id=server_id)
         if not pipe:
             c.receive_data(greeting + b"\r\n")
-            assert isinstance(c.next_event(), protocol.Greeting)
+            assert isinstance(c.next_event(), wire.Greeting)
         data = c.hello(secrets.token_bytes(32), int(time.time()))
         if after is not None:
             data += after(c)
@@ -152,7 +152,7 @@ def raw_client(data: bytes) -> Client:
     return client
 
 
-def put(c: protocol.ClientConnection, name: bytes, content: bytes) -> bytes:
+def put(c: wire.ClientConnection, name: bytes, content: bytes) -> bytes:
     return c.file(name, len(content), 0) + (c.data(content) if content else b"") + c.end()
 
 
@@ -244,7 +244,7 @@ def test_quota_bounds_what_tiny_files_really_occupy(tmp_path: Path) -> None:
 
 
 def _hello_payload(box: str, key: bytes, greeting: bytes) -> bytes:
-    c = protocol.ClientConnection(auth.Key(key), box)
+    c = wire.ClientConnection(auth.Key(key), box)
     c.receive_data(greeting + b"\r\n")
     c.next_event()
     return c.hello(secrets.token_bytes(32), int(time.time()))
@@ -267,12 +267,12 @@ def test_every_preauth_failure_is_the_same_535_line_and_the_same_exit(site: Site
 
     def other_greeting(sock: socket.socket, g: bytes) -> None:
         # a proof bound to a greeting this server never sent (replay of another session)
-        sock.sendall(_hello_payload("vm1", vm1, protocol.greeting_line(bytes(32)).encode()))
+        sock.sendall(_hello_payload("vm1", vm1, wire.greeting_line(bytes(32)).encode()))
 
     def non_utf8_box(sock: socket.socket, g: bytes) -> None:
-        signed = protocol.hello_without_proof(mode=1, box=b"\xff\xfe", key_id=bytes(8),
+        signed = wire.hello_without_proof(mode=1, box=b"\xff\xfe", key_id=bytes(8),
                                               nonce=bytes(32), time=0)
-        sock.sendall(protocol.frame(protocol.FrameType.HELLO, signed + bytes(32)))
+        sock.sendall(wire.frame(wire.FrameType.HELLO, signed + bytes(32)))
 
     cases: dict[str, Client] = {
         "unknown box": hello_client("nosuchbox", vm1),
@@ -334,7 +334,7 @@ def test_a_pipe_stream_is_accepted_once_then_532_and_stores_once(site: Site) -> 
 
     StateDB(site.state).status()  # the cache exists before the stream is made...
     time.sleep(1.1)               # ...and a new cache refuses streams of its creation second
-    c = protocol.ClientConnection(auth.Key(site.keys["vm1"]), "vm1", pipe=True)
+    c = wire.ClientConnection(auth.Key(site.keys["vm1"]), "vm1", pipe=True)
     stream = c.hello(secrets.token_bytes(32), int(time.time()))
     stream += put(c, b"db.sql", b"payload\n") + c.bye()
     first = serve(cfg, raw_client(stream))[1]
@@ -349,7 +349,7 @@ def test_pipe_mode_fails_closed_when_the_replay_cache_is_unusable(site: Site) ->
     box = site.box("vm1", pipe_mode=True)
     cfg = site.config()
     site.state.chmod(0o755)
-    c = protocol.ClientConnection(auth.Key(site.keys["vm1"]), "vm1", pipe=True)
+    c = wire.ClientConnection(auth.Key(site.keys["vm1"]), "vm1", pipe=True)
     stream = c.hello(secrets.token_bytes(32), int(time.time()))
     stream += put(c, b"x.txt", b"x\n") + c.bye()
     _, rest, _ = serve(cfg, raw_client(stream))
@@ -400,9 +400,9 @@ def test_a_refused_file_is_discarded_and_the_next_stored_matches_its_end(site: S
     box = site.box("vm1")
     cfg = site.config()
 
-    def after(c: protocol.ClientConnection) -> bytes:
+    def after(c: wire.ClientConnection) -> bytes:
         out = c.file(b"../escape", 6, 0) + c.data(b"EVIL!\n")
-        out += protocol.frame(protocol.FrameType.END, auth.u64(6) + bytes(32))
+        out += wire.frame(wire.FrameType.END, auth.u64(6) + bytes(32))
         c.end()  # keep the client's state machine in step; its real END is not sent
         return out + put(c, b"good.txt", b"good\n") + c.bye()
 

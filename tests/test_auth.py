@@ -2,7 +2,7 @@
 
 tests/vectors/vectors.json is written by tests/vectors/make_vectors.py from the
 specification alone (it never imports rstash); every value in it must be
-reproduced here by rstash.auth and rstash.protocol.
+reproduced here by rstash.auth and rstash.wire.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from rstash import auth, protocol
+from rstash import auth, wire
 from rstash.errors import KeyFileError, Reply
 
 VECTORS = Path(__file__).parent / "vectors" / "vectors.json"
@@ -111,13 +111,13 @@ def test_prk_and_key_id_match_the_vectors(v: Vec) -> None:
 
 
 def test_interactive_hello_without_proof_matches_the_vector(v: Vec) -> None:
-    signed = protocol.hello_without_proof(mode=protocol.MODE_INTERACTIVE, box=b"vm1",
+    signed = wire.hello_without_proof(mode=wire.MODE_INTERACTIVE, box=b"vm1",
                                           key_id=v.key.key_id, nonce=v.nonce, time=v.time)
     assert signed == v.h("interactive", "hello_without_proof")
 
 
 def test_greeting_line_matches_the_vector(v: Vec) -> None:
-    assert protocol.greeting_line(v.challenge) == v.greeting
+    assert wire.greeting_line(v.challenge) == v.greeting
 
 
 def test_interactive_th_proof_and_session_keys_match_the_vectors(v: Vec) -> None:
@@ -137,7 +137,7 @@ def test_session_keys_accept_raw_key_bytes_as_well_as_a_key(v: Vec) -> None:
 
 
 def test_pipe_th_proof_and_session_keys_match_the_vectors(v: Vec) -> None:
-    signed = protocol.hello_without_proof(mode=protocol.MODE_PIPE, box=b"vm1",
+    signed = wire.hello_without_proof(mode=wire.MODE_PIPE, box=b"vm1",
                                           key_id=v.key.key_id, nonce=v.nonce, time=v.time)
     assert signed == v.h("sessions", "pipe", "hello_without_proof")
     keys = pipe_keys(v)
@@ -149,12 +149,12 @@ def test_pipe_th_proof_and_session_keys_match_the_vectors(v: Vec) -> None:
 
 def test_235_line_matches_the_vector(v: Vec) -> None:
     keys = ia_keys(v)
-    assert protocol.auth_ok_line(keys) == (v.s("interactive", "auth_line") + "\r\n").encode()
+    assert wire.auth_ok_line(keys) == (v.s("interactive", "auth_line") + "\r\n").encode()
     assert v.s("interactive", "auth_line") == "235 ok mac=" + auth.auth_mac(keys.k_s2c)
 
 
 def test_parse_hello_reads_every_field_of_the_vector_payload(v: Vec) -> None:
-    hello = protocol.parse_hello(v.h("interactive", "hello_payload"))
+    hello = wire.parse_hello(v.h("interactive", "hello_payload"))
     assert (hello.version, hello.mode, hello.method) == (1, 1, 1)
     assert hello.box == b"vm1"
     assert hello.key_id == v.key.key_id
@@ -170,13 +170,13 @@ def test_parse_hello_reads_every_field_of_the_vector_payload(v: Vec) -> None:
 
 def test_file_header_tag_and_payload_match_the_vectors(v: Vec) -> None:
     f = v.s("inputs", "file")
-    hdr = protocol.encode_file_header(0, v.name, f["size"], f["mtime"], f["flags"],
+    hdr = wire.encode_file_header(0, v.name, f["size"], f["mtime"], f["flags"],
                                       bytes.fromhex(f["tid"]), f["offset"])
     assert hdr == v.h("file0", "hdr")
     keys = ia_keys(v)
     assert auth.file_tag(keys.k_c2s, hdr) == v.h("file0", "tag")
     assert hdr + auth.file_tag(keys.k_c2s, hdr) == v.h("file0", "payload")
-    parsed = protocol.parse_file_header(hdr)
+    parsed = wire.parse_file_header(hdr)
     assert (parsed.index, parsed.name, parsed.size, parsed.mtime) == (0, v.name, 14, f["mtime"])
     assert not parsed.dry_run
 
@@ -197,7 +197,7 @@ def test_receipt_line_for_a_stored_file_matches_the_vector(v: Vec) -> None:
     keys = ia_keys(v)
     d = v.h("file0", "content_sha256")
     assert auth.receipt_mac(keys.k_s2c, 0, 250, v.name, 14, d) == v.s("file0", "receipt_mac")
-    got = protocol.receipt_line(keys, 0, Reply.STORED, v.name, n=14, sha256=d)
+    got = wire.receipt_line(keys, 0, Reply.STORED, v.name, n=14, sha256=d)
     assert got == (v.s("file0", "receipt_line") + "\r\n").encode()
 
 
@@ -205,7 +205,7 @@ def test_553_refusal_line_matches_the_vector(v: Vec) -> None:
     keys = ia_keys(v)
     refused = v.s("inputs", "refused_name").encode()
     assert auth.receipt_mac(keys.k_s2c, 1, 553, refused) == v.s("refusal", "receipt_mac")
-    got = protocol.receipt_line(keys, 1, Reply.NAME_NOT_ALLOWED, refused)
+    got = wire.receipt_line(keys, 1, Reply.NAME_NOT_ALLOWED, refused)
     assert got == (v.s("refusal", "receipt_line") + "\r\n").encode()
 
 
@@ -217,34 +217,34 @@ def test_client_abort_frame_carries_the_vector_payload(v: Vec) -> None:
     c = _interactive_client(v)
     c.file(v.name, v.size, v.mtime)
     out = c.abort()
-    assert out == protocol.frame(protocol.FrameType.ABORT, v.h("file0", "abort_payload"))
+    assert out == wire.frame(wire.FrameType.ABORT, v.h("file0", "abort_payload"))
 
 
 def test_bye_payload_and_221_line_match_the_vectors(v: Vec) -> None:
     keys = ia_keys(v)
     assert auth.u64(1) + auth.bye_tag(keys.k_c2s, 1) == v.h("bye1_payload")
-    assert protocol.bye_line(keys, 1, 1) == (v.s("done_line") + "\r\n").encode()
+    assert wire.bye_line(keys, 1, 1) == (v.s("done_line") + "\r\n").encode()
 
 
 def test_percent_encoding_matches_the_vector(v: Vec) -> None:
     raw = v.s("percent_encoding", "input").encode("utf-8")
-    assert protocol.pct_encode(raw) == v.s("percent_encoding", "output")
-    assert protocol.pct_decode(v.s("percent_encoding", "output")) == raw
+    assert wire.pct_encode(raw) == v.s("percent_encoding", "output")
+    assert wire.pct_decode(v.s("percent_encoding", "output")) == raw
 
 
 # --- whole sessions --------------------------------------------------------------
 
 
-def _interactive_client(v: Vec) -> protocol.ClientConnection:
-    c = protocol.ClientConnection(v.key, "vm1")
+def _interactive_client(v: Vec) -> wire.ClientConnection:
+    c = wire.ClientConnection(v.key, "vm1")
     c.receive_data((v.greeting + "\r\n").encode())
     ev = c.next_event()
-    assert isinstance(ev, protocol.Greeting)
+    assert isinstance(ev, wire.Greeting)
     c.hello(v.nonce, v.time)
     return c
 
 
-def _client_bytes(v: Vec, c: protocol.ClientConnection) -> bytes:
+def _client_bytes(v: Vec, c: wire.ClientConnection) -> bytes:
     out = c.hello(v.nonce, v.time)
     out += c.file(v.name, v.size, v.mtime)
     out += c.data(v.content)
@@ -257,27 +257,27 @@ def _drain(next_event: Callable[[], Any]) -> list[Any]:
     events: list[Any] = []
     while True:
         ev = next_event()
-        if ev is protocol.NEED_DATA:
+        if ev is wire.NEED_DATA:
             return events
         events.append(ev)
-        if isinstance(ev, protocol.ConnectionClosed):
+        if isinstance(ev, wire.ConnectionClosed):
             return events
 
 
 @pytest.mark.parametrize("kind", ["interactive", "pipe"])
 def test_client_sends_the_vector_session_bytes(v: Vec, kind: str) -> None:
     pipe = kind == "pipe"
-    c = protocol.ClientConnection(v.key, "vm1", pipe=pipe)
+    c = wire.ClientConnection(v.key, "vm1", pipe=pipe)
     if not pipe:
         c.receive_data((v.greeting + "\r\n").encode())
-        assert isinstance(c.next_event(), protocol.Greeting)
+        assert isinstance(c.next_event(), wire.Greeting)
     assert _client_bytes(v, c) == v.h("sessions", kind, "client_hex")
 
 
 @pytest.mark.parametrize("kind", ["interactive", "pipe"])
 def test_client_verifies_the_vector_server_lines(v: Vec, kind: str) -> None:
     pipe = kind == "pipe"
-    c = protocol.ClientConnection(v.key, "vm1", pipe=pipe)
+    c = wire.ClientConnection(v.key, "vm1", pipe=pipe)
     server = v.h("sessions", kind, "server_hex")
     if pipe:
         _client_bytes(v, c)
@@ -285,23 +285,23 @@ def test_client_verifies_the_vector_server_lines(v: Vec, kind: str) -> None:
     else:
         c.receive_data(server)
         greeting = c.next_event()
-        assert isinstance(greeting, protocol.Greeting)
+        assert isinstance(greeting, wire.Greeting)
         assert greeting.challenge == v.challenge
         _client_bytes(v, c)
     c.receive_data(b"")
     events = _drain(c.next_event)
     if pipe:  # the greeting a pipe client never reads binds nothing
-        assert isinstance(events[0], protocol.Greeting)
+        assert isinstance(events[0], wire.Greeting)
         events = events[1:]
-    assert isinstance(events[0], protocol.AuthOk)
+    assert isinstance(events[0], wire.AuthOk)
     receipt = events[1]
-    assert isinstance(receipt, protocol.Receipt)
+    assert isinstance(receipt, wire.Receipt)
     assert (receipt.index, receipt.code, receipt.final_name) == (0, 250, v.name)
     assert receipt.ok and not receipt.dry_run
     assert receipt.size == 14
     assert receipt.sha256 == v.s("file0", "content_sha256")
-    assert events[2] == protocol.Done(1)
-    assert isinstance(events[3], protocol.ConnectionClosed)
+    assert events[2] == wire.Done(1)
+    assert isinstance(events[3], wire.ConnectionClosed)
     assert len(events) == 4
     assert c.authenticated and c.stored == 1
 
@@ -310,30 +310,30 @@ def test_client_verifies_the_vector_server_lines(v: Vec, kind: str) -> None:
 def test_server_reads_the_vector_session_and_replies_with_the_vector_lines(
         v: Vec, kind: str) -> None:
     pipe = kind == "pipe"
-    srv = protocol.ServerConnection()
+    srv = wire.ServerConnection()
     srv.receive_data(v.h("sessions", kind, "client_hex"))
     srv.receive_data(b"")
     hello = srv.next_event()
-    assert isinstance(hello, protocol.Hello)
-    assert hello.mode == (protocol.MODE_PIPE if pipe else protocol.MODE_INTERACTIVE)
+    assert isinstance(hello, wire.Hello)
+    assert hello.mode == (wire.MODE_PIPE if pipe else wire.MODE_INTERACTIVE)
     g = b"" if pipe else v.greeting.encode("ascii")
     keys = auth.session_keys(v.key, g, hello.signed)
     assert auth.verify(keys.proof, hello.proof)
     srv.authenticate(keys)
     events = _drain(srv.next_event)
-    assert [type(e) for e in events] == [protocol.File, protocol.Data, protocol.End,
-                                         protocol.Bye, protocol.ConnectionClosed]
+    assert [type(e) for e in events] == [wire.File, wire.Data, wire.End,
+                                         wire.Bye, wire.ConnectionClosed]
     file_ev, data_ev, end_ev, bye_ev, closed = events
     assert file_ev.header.name == v.name and file_ev.header.size == 14
     assert data_ev.data == v.content
-    assert end_ev == protocol.End(0, 14, v.h("file0", "content_sha256"))
-    assert bye_ev == protocol.Bye(1)
-    assert closed == protocol.ConnectionClosed(clean=True)
-    replies = (protocol.line(protocol.greeting_line(v.challenge))
-               + protocol.auth_ok_line(keys)
-               + protocol.receipt_line(keys, end_ev.index, Reply.STORED, file_ev.header.name,
+    assert end_ev == wire.End(0, 14, v.h("file0", "content_sha256"))
+    assert bye_ev == wire.Bye(1)
+    assert closed == wire.ConnectionClosed(clean=True)
+    replies = (wire.line(wire.greeting_line(v.challenge))
+               + wire.auth_ok_line(keys)
+               + wire.receipt_line(keys, end_ev.index, Reply.STORED, file_ev.header.name,
                                        n=end_ev.n, sha256=end_ev.sha256)
-               + protocol.bye_line(keys, bye_ev.count, 1))
+               + wire.bye_line(keys, bye_ev.count, 1))
     assert replies == v.h("sessions", kind, "server_hex")
 
 
@@ -342,8 +342,8 @@ def test_server_reads_the_vector_session_and_replies_with_the_vector_lines(
 
 def _proof_verifies(key: auth.Key, payload: bytes, greeting: str) -> bool:
     """The server's check: G is the greeting it sent, or empty for a pipe-mode HELLO."""
-    hello = protocol.parse_hello(payload)
-    g = b"" if hello.mode == protocol.MODE_PIPE else greeting.encode("ascii")
+    hello = wire.parse_hello(payload)
+    g = b"" if hello.mode == wire.MODE_PIPE else greeting.encode("ascii")
     return auth.verify(auth.session_keys(key, g, hello.signed).proof, hello.proof)
 
 
@@ -362,10 +362,10 @@ def test_a_proof_for_one_box_never_verifies_for_another_with_the_same_key(v: Vec
     box_at = payload.index(b"vm1")
     for other in (b"vm2", b"VM1", b"vm0", b"wm1"):
         forged = payload[:box_at] + other + payload[box_at + 3:]
-        assert protocol.parse_hello(forged).box == other
+        assert wire.parse_hello(forged).box == other
         assert not _proof_verifies(v.key, forged, v.greeting)
     # and a client asking for vm2 makes a different proof from the same inputs
-    c = protocol.ClientConnection(v.key, "vm2")
+    c = wire.ClientConnection(v.key, "vm2")
     c.receive_data((v.greeting + "\r\n").encode())
     c.next_event()
     vm2 = c.hello(v.nonce, v.time)[5:]
@@ -375,25 +375,25 @@ def test_a_proof_for_one_box_never_verifies_for_another_with_the_same_key(v: Vec
 
 def test_a_pipe_proof_never_verifies_as_interactive(v: Vec) -> None:
     pipe_payload = v.h("sessions", "pipe", "client_hex")[5:5 + 90]
-    as_interactive = _with_byte(pipe_payload, 1, protocol.MODE_INTERACTIVE)
+    as_interactive = _with_byte(pipe_payload, 1, wire.MODE_INTERACTIVE)
     assert not _proof_verifies(v.key, as_interactive, v.greeting)
     # even checked with the empty G it was made with: the mode is inside th
-    hello = protocol.parse_hello(as_interactive)
+    hello = wire.parse_hello(as_interactive)
     assert not auth.verify(auth.session_keys(v.key, b"", hello.signed).proof, hello.proof)
 
 
 def test_an_interactive_proof_never_verifies_as_pipe(v: Vec) -> None:
     payload = v.h("interactive", "hello_payload")
-    as_pipe = _with_byte(payload, 1, protocol.MODE_PIPE)
+    as_pipe = _with_byte(payload, 1, wire.MODE_PIPE)
     assert not _proof_verifies(v.key, as_pipe, v.greeting)
-    hello = protocol.parse_hello(as_pipe)
+    hello = wire.parse_hello(as_pipe)
     assert not auth.verify(auth.session_keys(v.key, v.greeting.encode(), hello.signed).proof,
                            hello.proof)
 
 
 def test_a_different_greeting_breaks_the_proof(v: Vec) -> None:
     payload = v.h("interactive", "hello_payload")
-    other = protocol.greeting_line(bytes(32))
+    other = wire.greeting_line(bytes(32))
     assert not _proof_verifies(v.key, payload, other)
     assert not _proof_verifies(v.key, payload, v.greeting + " ")
 

@@ -18,7 +18,7 @@ from e2e_support import (
     venv_bin,
     write_config,
 )
-from rstash import auth, protocol
+from rstash import auth, wire
 
 pytestmark = pytest.mark.e2e
 
@@ -84,9 +84,9 @@ def test_the_fail2ban_filter_matches_a_real_auth_failure_line(
     try:
         greeting = proc.stdout.readline()
         assert greeting.startswith(b"220 rstash/1 ")
-        wrong = protocol.ClientConnection(auth.Key(secrets.token_bytes(32)), "vm1")
+        wrong = wire.ClientConnection(auth.Key(secrets.token_bytes(32)), "vm1")
         wrong.receive_data(greeting)
-        assert isinstance(wrong.next_event(), protocol.Greeting)
+        assert isinstance(wrong.next_event(), wire.Greeting)
         proc.stdin.write(wrong.hello(secrets.token_bytes(32), 1767225600))
         proc.stdin.flush()
         assert proc.stdout.readline() == b"535 authentication failed\r\n"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from rstash import auth, protocol
+from rstash import auth, wire
 from rstash.config import load_config
 from rstash.log import Logger
 from rstash.session import ServerSession
@@ -54,9 +54,9 @@ on_receive = ["/bin/sh", "-c", "echo \\"$RSTASH_NAME\\" >> {hooked}"]
     t = threading.Thread(target=session.run, daemon=True)
     t.start()
     rf = cli.makefile("rb")
-    c = protocol.ClientConnection(auth.Key(key), "vm1")
+    c = wire.ClientConnection(auth.Key(key), "vm1")
     c.receive_data(rf.readline())
-    assert isinstance(c.next_event(), protocol.Greeting)
+    assert isinstance(c.next_event(), wire.Greeting)
     names = [f"f{i}" for i in range(5)]
     data = c.hello(secrets.token_bytes(32), int(time.time()))
     for name in names:
@@ -120,16 +120,16 @@ def _run(conf: Path, log: Path, client: Callable[[bytes], bytes]) -> list[bytes]
     return (greeting + rest).splitlines()
 
 
-def _interactive(key: auth.Key, body: Callable[[protocol.ClientConnection], bytes]) -> Callable[[bytes], bytes]:
+def _interactive(key: auth.Key, body: Callable[[wire.ClientConnection], bytes]) -> Callable[[bytes], bytes]:
     def client(greeting: bytes) -> bytes:
-        c = protocol.ClientConnection(key, "vm1")
+        c = wire.ClientConnection(key, "vm1")
         c.receive_data(greeting)
-        assert isinstance(c.next_event(), protocol.Greeting)
+        assert isinstance(c.next_event(), wire.Greeting)
         return c.hello(secrets.token_bytes(32), int(time.time())) + body(c)
     return client
 
 
-def _files(c: protocol.ClientConnection, names: list[str]) -> bytes:
+def _files(c: wire.ClientConnection, names: list[str]) -> bytes:
     return b"".join(c.file(n.encode(), 2, 0) + c.data(b"ok") + c.end() for n in names)
 
 
@@ -138,13 +138,13 @@ def test_unknown_hello_extensions_are_ignored_but_bound_by_the_proof(tmp_path: P
 
     def pipe_hello(*, strip: bool) -> Callable[[bytes], bytes]:
         def client(_greeting: bytes) -> bytes:
-            fields = {"mode": protocol.MODE_PIPE, "box": b"vm1", "key_id": key.key_id,
+            fields = {"mode": wire.MODE_PIPE, "box": b"vm1", "key_id": key.key_id,
                       "nonce": secrets.token_bytes(32), "time": int(time.time())}
-            signed = protocol.hello_without_proof(**fields, ext={9: b"a future extension"})
+            signed = wire.hello_without_proof(**fields, ext={9: b"a future extension"})
             proof = auth.session_keys(key, b"", signed).proof
             if strip:  # an on-path attacker removes the extension the client signed
-                signed = protocol.hello_without_proof(**fields, ext={})
-            return protocol.frame(protocol.FrameType.HELLO, signed + proof)
+                signed = wire.hello_without_proof(**fields, ext={})
+            return wire.frame(wire.FrameType.HELLO, signed + proof)
         return client
 
     # The box refuses pipe mode: 530 is only ever said after a verified proof.
@@ -182,7 +182,7 @@ def test_an_interactive_session_does_not_check_the_clients_time_but_logs_it(tmp_
     key, conf, log = _site(tmp_path)
 
     def client(greeting: bytes) -> bytes:
-        c = protocol.ClientConnection(key, "vm1")
+        c = wire.ClientConnection(key, "vm1")
         c.receive_data(greeting)
         c.next_event()
         return c.hello(secrets.token_bytes(32), 12345) + _files(c, ["late"]) + c.bye()

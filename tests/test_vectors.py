@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 
-from rstash import auth, protocol
+from rstash import auth
+from rstash import wire as protocol  # wire() is this file's line builder
 from rstash.errors import RemoteProtocolError
-from rstash.protocol import ClientConnection, IntegrityError, Receipt, ServerConnection
+from rstash.wire import ClientConnection, IntegrityError, Receipt, ServerConnection
 
 RAW: dict[str, Any] = json.loads((Path(__file__).parent / "vectors" / "vectors.json")
                                  .read_text(encoding="ascii"))

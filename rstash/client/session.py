@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Never
 
-from .. import PROTOCOL, auth, protocol
+from .. import PROTOCOL, auth, wire
 from ..errors import (
     AuthenticationFailed,
     Exit,
@@ -84,14 +84,14 @@ class Result:
 class Session:
     """One session over ``stream``; ``conn`` is None in pipe mode (nothing is read back)."""
 
-    def __init__(self, opts: Options, proto: protocol.ClientConnection, stream: FdStream,
+    def __init__(self, opts: Options, proto: wire.ClientConnection, stream: FdStream,
                  conn: Connection | None = None) -> None:
         self.opts = opts
         self.proto = proto
         self.stream = stream
         self.conn = conn
         self.results: dict[int, Result] = {}
-        self.done: protocol.Done | None = None
+        self.done: wire.Done | None = None
         self.refused_current = False
         self.got_bytes = False
 
@@ -108,14 +108,14 @@ class Session:
         if data:
             self.got_bytes = True
         self.proto.receive_data(data)
-        while self.proto.state is not protocol.ClientState.CLOSED:
+        while self.proto.state is not wire.ClientState.CLOSED:
             ev = self.proto.next_event()
-            if ev is protocol.NEED_DATA:
+            if ev is wire.NEED_DATA:
                 return
             self._on_event(ev)
 
-    def _on_event(self, ev: protocol.ClientEvent) -> None:
-        if isinstance(ev, protocol.Receipt):
+    def _on_event(self, ev: wire.ClientEvent) -> None:
+        if isinstance(ev, wire.Receipt):
             res = self.results[ev.index]
             res.code = ev.code
             res.status = outcome_of(ev.code, dry_run=ev.dry_run)
@@ -126,11 +126,11 @@ class Session:
             if self.proto.current_index == ev.index:
                 self.refused_current = True
             self._report(res)
-        elif isinstance(ev, protocol.Done):
+        elif isinstance(ev, wire.Done):
             self.done = ev
-        elif isinstance(ev, protocol.SessionRefused):
+        elif isinstance(ev, wire.SessionRefused):
             self._session_refused(ev.code, ev.text)
-        elif isinstance(ev, protocol.ConnectionClosed) and self.done is None:
+        elif isinstance(ev, wire.ConnectionClosed) and self.done is None:
             raise TransportError(self.closed_message())
 
     def closed_message(self) -> str:
@@ -152,7 +152,7 @@ class Session:
         if code in (Reply.INTEGRITY, Reply.PROTOCOL_ERROR):
             raise RemoteProtocolError(f"server: {text}", reply=code)
         if code == Reply.BUSY:
-            if self.proto.state is protocol.ClientState.AWAIT_GREETING:
+            if self.proto.state is wire.ClientState.AWAIT_GREETING:
                 raise ServerBusy(text, reply=code)
             # "421 timeout" mid-session: stdin or a command may be half read, so a retry
             # would store the rest as if it were the whole stream. The session failed.
@@ -187,11 +187,11 @@ class Session:
     def handshake(self) -> None:
         """Read the greeting (interactive) and send HELLO."""
         deadline = time.monotonic() + self.opts.connect_timeout
-        while self.proto.state is protocol.ClientState.AWAIT_GREETING:
+        while self.proto.state is wire.ClientState.AWAIT_GREETING:
             if time.monotonic() > deadline:
                 raise PeerTimeout("timed out waiting for the server's greeting")
             self._pump(max(0.01, deadline - time.monotonic()))
-            if self.proto.state is protocol.ClientState.CLOSED:  # type: ignore[comparison-overlap]
+            if self.proto.state is wire.ClientState.CLOSED:  # type: ignore[comparison-overlap]
                 raise TransportError(self.closed_message())
         self.write(self.proto.hello(secrets.token_bytes(32), int(time.time())))
 
@@ -310,7 +310,7 @@ class Session:
             if time.monotonic() > deadline:
                 raise PeerTimeout("timed out waiting for the server's receipts")
             self._pump(max(0.01, deadline - time.monotonic()))
-            if self.proto.state is protocol.ClientState.CLOSED and self.done is None:
+            if self.proto.state is wire.ClientState.CLOSED and self.done is None:
                 raise TransportError(self.closed_message())
 
     def _report(self, res: Result) -> None:
@@ -339,7 +339,7 @@ class Session:
 def run_interactive(opts: Options, key: auth.Key, box: str, conn: Connection,
                     sources: list[Source]) -> int:
     """One interactive session over ``conn`` (closed on return); its exit status."""
-    sess = Session(opts, protocol.ClientConnection(key, box, server_id=opts.server_id), conn.stream, conn)
+    sess = Session(opts, wire.ClientConnection(key, box, server_id=opts.server_id), conn.stream, conn)
     try:
         try:
             sess.handshake()
@@ -368,7 +368,7 @@ def run_interactive(opts: Options, key: auth.Key, box: str, conn: Connection,
 def run_pipe(opts: Options, key: auth.Key, box: str, sources: list[Source]) -> int:
     """Pipe mode: a whole one-way session on standard output; the server's lines go to nc."""
     out = FdStream(os.open("/dev/null", os.O_RDONLY), 1)
-    sess = Session(opts, protocol.ClientConnection(key, box, pipe=True, server_id=opts.server_id), out)
+    sess = Session(opts, wire.ClientConnection(key, box, pipe=True, server_id=opts.server_id), out)
     sess.handshake()
     status = sess.send_all(sources)
     sess.finish()

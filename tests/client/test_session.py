@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from rstash import auth, protocol
+from rstash import auth, wire
 from rstash.client.options import Options
 from rstash.client.session import Result, Session
 from rstash.client.sources import Source, make_sources
@@ -56,7 +56,7 @@ def pipe_session(key: auth.Key, sources: list[Source], opts: Options) -> tuple[i
     r, w = os.pipe()
     devnull = os.open(os.devnull, os.O_RDONLY)
     try:
-        sess = Session(opts, protocol.ClientConnection(key, "vm1", pipe=True), FdStream(devnull, w))
+        sess = Session(opts, wire.ClientConnection(key, "vm1", pipe=True), FdStream(devnull, w))
         sess.handshake()
         status = sess.send_all(sources)
         sess.finish()
@@ -72,7 +72,7 @@ def pipe_session(key: auth.Key, sources: list[Source], opts: Options) -> tuple[i
                 os.close(fd)
 
 
-F = protocol.FrameType
+F = wire.FrameType
 
 
 def test_a_file_that_shrinks_is_aborted_with_the_interactive_line(

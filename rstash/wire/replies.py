@@ -1,0 +1,235 @@
+"""Server → client reply lines of rstash/1: making them and taking them apart (rstash(7)).
+
+A reply line is ``NNN text`` in printable ASCII, at most 1024 bytes with its
+CRLF. Names in lines are percent-encoded. This module makes every line the
+server sends and parses the parts the client reads (greeting, receipts,
+``221``). It must never verify a MAC or keep state: the client role does that
+with its session keys and the FILEs it sent.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .. import auth
+from ..errors import LocalProtocolError, RemoteProtocolError, Reply
+
+#: The longest reply line, CRLF included.
+MAX_LINE = 1024
+#: What a reply line may hold: printable ASCII.
+_PRINTABLE = re.compile(rb"[\x20-\x7e]*")
+#: The greeting's fixed prefix; the challenge follows it.
+GREETING_PREFIX = "220 rstash/1 methods=hmac-sha256 challenge="
+#: How many bytes of a refused name are echoed (the MAC covers the whole name).
+ECHO_LIMIT = 255
+
+
+# --- names in reply lines ------------------------------------------------------
+
+_PCT_SAFE = frozenset(range(0x21, 0x7F)) - {ord("%")}
+_PCT_PAIR = re.compile(r"[0-9A-F]{2}")
+
+
+def pct_encode(raw: bytes) -> str:
+    """Percent-encode a name for a reply line (uppercase hex, rstash(7) REPLY LINES)."""
+    return "".join(chr(b) if b in _PCT_SAFE else f"%{b:02X}" for b in raw)
+
+
+def pct_decode(text: str) -> bytes:
+    """The inverse of :func:`pct_encode`; ValueError for anything it never writes."""
+    out = bytearray()
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c == "%":
+            pair = text[i + 1:i + 3]
+            if not _PCT_PAIR.fullmatch(pair):
+                raise ValueError("bad percent escape")
+            out.append(int(pair, 16))
+            i += 3
+        else:
+            if ord(c) not in _PCT_SAFE:
+                raise ValueError("unencoded byte in name")
+            out.append(ord(c))
+            i += 1
+    return bytes(out)
+
+
+# --- making lines (the server) ---------------------------------------------------
+
+#: The text of each per-file refusal code, as in rstash(7) REPLY LINES.
+RECEIPT_TEXT: dict[int, str] = {
+    Reply.EXISTS: "exists",
+    Reply.NAME_NOT_ALLOWED: "name not allowed",
+    Reply.INSUFFICIENT_STORAGE: "insufficient storage",
+    Reply.LOCAL_ERROR: "local error",
+    Reply.ABORTED: "aborted",
+}
+
+#: Session-level lines without a MAC.
+SESSION_LINES: dict[int, str] = {
+    Reply.BUSY: "421 busy",
+    Reply.AUTH_FAILED: "535 authentication failed",
+    Reply.VERSION_NOT_SUPPORTED: "505 version not supported",
+    Reply.METHOD_NOT_SUPPORTED: "504 method not supported",
+    Reply.PIPE_MODE_OFF: "530 pipe mode off",
+    Reply.REPLAYED: "532 replayed session",
+    Reply.LOCAL_ERROR: "451 local error",
+    Reply.PROTOCOL_ERROR: "500 protocol error",
+}
+
+
+def line(text: str) -> bytes:
+    """``text`` as a line on the wire; too long or unprintable is our own mistake."""
+    data = text.encode("ascii") + b"\r\n"
+    if len(data) > MAX_LINE or not _PRINTABLE.fullmatch(data, 0, len(data) - 2):
+        raise LocalProtocolError("reply line too long or not printable")
+    return data
+
+
+def greeting_line(challenge: bytes) -> str:
+    """The greeting's text (the transcript hash binds it without its CRLF)."""
+    return GREETING_PREFIX + auth.b64url(challenge)
+
+
+def auth_ok_line(keys: auth.SessionKeys) -> bytes:
+    return line(f"{Reply.AUTH_OK} ok mac={auth.auth_mac(keys.k_s2c)}")
+
+
+def receipt_line(keys: auth.SessionKeys, index: int, code: int, name: bytes, *,
+                 reason: str | None = None, final_name: bytes | None = None,
+                 n: int = 0, sha256: bytes = auth.ZERO_DIGEST, dry_run: bool = False) -> bytes:
+    """The one reply line for FILE ``index``. Refusals MAC n = 0, D = zeros, the requested name."""
+    if code == Reply.STORED:
+        if dry_run:
+            mac = auth.receipt_mac(keys.k_s2c, index, code, name)
+            return line(f"250 would store {pct_encode(name)} mac={mac}")
+        final = name if final_name is None else final_name
+        mac = auth.receipt_mac(keys.k_s2c, index, code, final, n, sha256)
+        return line(f"250 stored {n} sha256:{sha256.hex()} {pct_encode(final)} mac={mac}")
+    text = reason or RECEIPT_TEXT[code]
+    mac = auth.receipt_mac(keys.k_s2c, index, code, name)
+    return line(f"{code} {text} {pct_encode(name[:ECHO_LIMIT])} mac={mac}")
+
+
+def integrity_line(name: bytes) -> bytes:
+    return line(f"{Reply.INTEGRITY} integrity check failed {pct_encode(name[:ECHO_LIMIT])}".rstrip())
+
+
+def bye_line(keys: auth.SessionKeys, count: int, stored: int) -> bytes:
+    return line(f"{Reply.BYE} bye {stored} mac={auth.done_mac(keys.k_s2c, count, stored)}")
+
+
+def session_line(code: int) -> bytes:
+    return line(SESSION_LINES[code])
+
+
+def skew_line(skew: int) -> bytes:
+    return line(f"{Reply.CLOCK_SKEW} clock skew {skew:+d} s")
+
+
+# --- taking lines apart (the client) ------------------------------------------------
+
+_LINE_RE = re.compile(r"([2-5][0-9]{2}) (.*)\Z")
+_RECEIPT_RE = re.compile(r"(?P<text>.*?) ?(?P<name>[^ ]*) mac=(?P<mac>[A-Za-z0-9_-]{22})\Z")
+_STORED_RE = re.compile(r"stored (?P<n>[0-9]{1,20}) sha256:(?P<hex>[0-9a-f]{64}) (?P<name>[^ ]+)\Z")
+
+
+def quote(raw: bytes) -> str:
+    """Up to 120 bytes of what the peer sent, safe to print in one line."""
+    return repr(raw[:120].decode("ascii", "backslashreplace"))
+
+
+def take_line(buf: bytearray) -> bytes | None:
+    """Cut the first whole line (without CR LF or LF) off ``buf``; None if none is whole yet.
+
+    A line is refused the moment it is longer than :data:`MAX_LINE`, whole or not.
+    """
+    nl = buf.find(b"\n")
+    if (nl < 0 and len(buf) > MAX_LINE) or nl + 1 > MAX_LINE:
+        raise RemoteProtocolError("reply line longer than 1024 bytes")
+    if nl < 0:
+        return None
+    raw = bytes(buf[:nl])
+    del buf[:nl + 1]
+    return raw.removesuffix(b"\r")
+
+
+@dataclass(frozen=True)
+class ReplyLine:
+    code: int
+    #: the text after the code and its space
+    rest: str
+    text: str
+
+
+def parse_line(raw: bytes) -> ReplyLine:
+    if not _PRINTABLE.fullmatch(raw):
+        raise RemoteProtocolError(f"not an rstash reply: {quote(raw)}")
+    text = raw.decode("ascii")
+    m = _LINE_RE.match(text)
+    if m is None:
+        raise RemoteProtocolError(f"not an rstash reply: {quote(raw)}")
+    return ReplyLine(int(m.group(1)), m.group(2), text)
+
+
+def parse_greeting(text: str) -> bytes:
+    """The challenge of a ``220 rstash/1 …`` greeting that offers hmac-sha256."""
+    words = text.split(" ")
+    if len(words) < 3 or words[1] != "rstash/1":
+        raise RemoteProtocolError(f"unsupported greeting: {quote(text.encode())}")
+    fields = dict(w.partition("=")[::2] for w in words[2:])
+    if "hmac-sha256" not in fields.get("methods", "").split(","):
+        raise RemoteProtocolError("the server offers no method this client speaks")
+    try:
+        challenge = auth.b64url_decode(fields.get("challenge", ""))
+    except ValueError:
+        raise RemoteProtocolError("malformed greeting challenge") from None
+    if len(challenge) < 16:
+        raise RemoteProtocolError("greeting challenge too short")
+    return challenge
+
+
+def parse_auth_ok(rest: str) -> str:
+    """The MAC of a ``235 ok mac=…`` line (compared, not trusted, by the caller)."""
+    return rest.removeprefix("ok mac=")
+
+
+def parse_bye(r: ReplyLine) -> tuple[int, str]:
+    """STORED and the MAC of a ``221 bye STORED mac=…`` line."""
+    parts = r.rest.split(" ")
+    if len(parts) != 3 or parts[0] != "bye" or not parts[1].isdigit() or not parts[2].startswith("mac="):
+        raise RemoteProtocolError(f"malformed 221 line: {quote(r.text.encode())}")
+    return int(parts[1]), parts[2][4:]
+
+
+@dataclass(frozen=True)
+class ReceiptFields:
+    """A line shaped like a receipt: ``TEXT NAME mac=MAC``; nothing in it is verified."""
+
+    text: str
+    name: str
+    mac: str
+
+
+def parse_receipt(rest: str) -> ReceiptFields | None:
+    """The fields of a receipt, or None when the line has no receipt's shape."""
+    m = _RECEIPT_RE.match(rest)
+    return None if m is None else ReceiptFields(m["text"], m["name"], m["mac"])
+
+
+def parse_stored(r: ReplyLine, f: ReceiptFields) -> tuple[str, str, str]:
+    """The decimal size, the hex digest and the encoded final name of ``250 stored …``."""
+    sm = _STORED_RE.match(f.text + " " + f.name)
+    if sm is None:
+        raise RemoteProtocolError(f"malformed receipt: {quote(r.text.encode())}")
+    return sm["n"], sm["hex"], sm["name"]
+
+
+def decode_name(r: ReplyLine, name: str) -> bytes:
+    """A percent-encoded name from line ``r``; a malformed one is the peer's fault."""
+    try:
+        return pct_decode(name)
+    except ValueError:
+        raise RemoteProtocolError(f"malformed name in receipt: {quote(r.text.encode())}") from None
