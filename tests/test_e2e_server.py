@@ -49,7 +49,8 @@ from e2e_support import (
     wait_until,
     write_config,
 )
-from rstash import auth, wire
+from rstash import auth
+from rstash import wire as protocol  # the crafted byte pipe is `wire` here
 
 pytestmark = pytest.mark.e2e
 
@@ -139,37 +140,37 @@ class Wire:
 
 
 def greet(wire: Wire, key: bytes, box: str, *, pipe: bool = False,
-          t: int | None = None) -> wire.ClientConnection:
+          t: int | None = None) -> protocol.ClientConnection:
     """Read the greeting and send a HELLO for ``box`` proved with ``key``."""
-    conn = wire.ClientConnection(auth.Key(key, "test"), box, pipe=pipe)
+    conn = protocol.ClientConnection(auth.Key(key, "test"), box, pipe=pipe)
     greeting = wire.line()
     assert greeting.startswith(b"220 rstash/1 "), greeting
     if not pipe:
         conn.receive_data(greeting)
-        assert isinstance(conn.next_event(), wire.Greeting)
+        assert isinstance(conn.next_event(), protocol.Greeting)
     wire.send(conn.hello(secrets.token_bytes(32), int(time.time()) if t is None else t))
     return conn
 
 
-def event(wire: Wire, conn: wire.ClientConnection) -> wire.ClientEvent:
+def event(wire: Wire, conn: protocol.ClientConnection) -> protocol.ClientEvent:
     """The client protocol's verdict on the server's next line."""
     raw = wire.line()
     conn.receive_data(raw)
     if not raw:
         conn.receive_data(b"")
     ev = conn.next_event()
-    assert ev is not wire.NEED_DATA, raw
+    assert ev is not protocol.NEED_DATA, raw
     return ev
 
 
-def login(wire: Wire, key: bytes, box: str) -> wire.ClientConnection:
+def login(wire: Wire, key: bytes, box: str) -> protocol.ClientConnection:
     conn = greet(wire, key, box)
     ev = event(wire, conn)
-    assert isinstance(ev, wire.AuthOk), ev
+    assert isinstance(ev, protocol.AuthOk), ev
     return conn
 
 
-def put(wire: Wire, conn: wire.ClientConnection, name: bytes, content: bytes,
+def put(wire: Wire, conn: protocol.ClientConnection, name: bytes, content: bytes,
         mtime: int = 1_700_000_000) -> None:
     wire.send(conn.file(name, len(content), mtime))
     if content:
@@ -587,7 +588,7 @@ def test_bytes_beyond_the_announced_size_end_the_session_and_leave_no_temp(rig: 
     conn = login(s.wire, box.key, "vm1")
     s.wire.send(conn.file(b"short.bin", 10, 0))
     # A DATA frame longer than the announced size, built by hand (the client refuses to).
-    s.wire.send(struct.pack(">BI", wire.FrameType.DATA, 20) + b"y" * 20)
+    s.wire.send(struct.pack(">BI", protocol.FrameType.DATA, 20) + b"y" * 20)
     assert s.wire.rest() == b"500 protocol error\r\n"
     assert s.wait() == 1
     assert entries(box) == []
@@ -598,8 +599,8 @@ def test_a_file_sequence_number_out_of_order_is_554(rig: Rig) -> None:
     s = rig.piped(rig.config([box]))
     conn = login(s.wire, box.key, "vm1")
     assert conn.keys is not None
-    hdr = wire.encode_file_header(1, b"skip.bin", 3, 0)  # index 0 never sent
-    s.wire.send(wire.frame(wire.FrameType.FILE, hdr + auth.file_tag(conn.keys.k_c2s, hdr)))
+    hdr = protocol.encode_file_header(1, b"skip.bin", 3, 0)  # index 0 never sent
+    s.wire.send(protocol.frame(protocol.FrameType.FILE, hdr + auth.file_tag(conn.keys.k_c2s, hdr)))
     assert s.wire.rest() == b"554 integrity check failed skip.bin\r\n"
     assert s.wait() == 1
     assert entries(box) == []
@@ -618,11 +619,11 @@ def test_a_refused_file_is_discarded_to_its_end_and_the_session_goes_on(rig: Rig
     codes = []
     for _ in range(3):
         ev = event(s.wire, conn)
-        assert isinstance(ev, wire.Receipt), ev
+        assert isinstance(ev, protocol.Receipt), ev
         codes.append((ev.index, ev.code))
     assert codes == [(0, 553), (1, 553), (2, 250)]
     done = event(s.wire, conn)
-    assert isinstance(done, wire.Done) and done.stored == 1
+    assert isinstance(done, protocol.Done) and done.stored == 1
     assert s.wait() == 0
     assert box.files() == {"good.txt": b"good\n"}
 
@@ -636,11 +637,11 @@ def test_an_abort_gets_426_and_removes_the_temp(rig: Rig) -> None:
     wait_until(lambda: bool(temps(box)), timeout=5, what="a temp")
     s.wire.send(conn.abort())
     ev = event(s.wire, conn)
-    assert isinstance(ev, wire.Receipt) and ev.code == 426, ev
+    assert isinstance(ev, protocol.Receipt) and ev.code == 426, ev
     assert entries(box) == []
     put(s.wire, conn, b"gone.bin", b"second try\n")  # the name is still free
     ev = event(s.wire, conn)
-    assert isinstance(ev, wire.Receipt) and ev.ok, ev
+    assert isinstance(ev, protocol.Receipt) and ev.ok, ev
     assert box.files() == {"gone.bin": b"second try\n"}
 
 
@@ -764,7 +765,7 @@ def test_a_box_outside_the_box_allow_list_gets_535(rig: Rig) -> None:
     s = rig.piped(conf, "--box", "vm1")
     conn = login(s.wire, vm1.key, "vm1")  # the listed box still works
     put(s.wire, conn, b"ok.txt", b"ok\n")
-    assert isinstance(event(s.wire, conn), wire.Receipt)
+    assert isinstance(event(s.wire, conn), protocol.Receipt)
     assert entries(vm2) == [] and entries(vm1) == ["ok.txt"]
 
 
@@ -815,7 +816,7 @@ def test_preauth_timeout_is_absolute_even_for_a_trickling_client(rig: Rig) -> No
     s = rig.piped(rig.config([box], preauth_timeout=2, idle_timeout=30))
     started = time.monotonic()
     assert s.wire.line().startswith(b"220 ")
-    conn = wire.ClientConnection(auth.Key(box.key), "vm1", pipe=True)
+    conn = protocol.ClientConnection(auth.Key(box.key), "vm1", pipe=True)
     hello = conn.hello(secrets.token_bytes(32), int(time.time()))
     got = b""
     for i in range(len(hello)):  # one byte every 0.2 s: never idle, never done
@@ -902,10 +903,10 @@ def test_python_environment_variables_do_not_reach_the_serving_interpreter(rig: 
     assert b"-I" in cmdline, cmdline
     assert not [v for v in environ if v.startswith(b"PYTHON")], environ
     put(s.wire, conn, b"isolated.txt", b"isolated\n")
-    assert isinstance(event(s.wire, conn), wire.Receipt)
+    assert isinstance(event(s.wire, conn), protocol.Receipt)
     s.wire.send(conn.bye())
     s.wire.close_write()
-    assert isinstance(event(s.wire, conn), wire.Done)
+    assert isinstance(event(s.wire, conn), protocol.Done)
     assert s.wait() == 0, s.stderr()
     assert box.files() == {"isolated.txt": b"isolated\n"}
 
@@ -979,10 +980,10 @@ def test_strace_shows_fsync_temp_then_link_then_fsync_dir_then_250(rig: Rig, pol
                                 f"trace={calls}"])
     conn = login(s.wire, box.key, "vm1")
     put(s.wire, conn, b"durable.txt", b"durable\n")
-    assert isinstance(event(s.wire, conn), wire.Receipt)
+    assert isinstance(event(s.wire, conn), protocol.Receipt)
     s.wire.send(conn.bye())
     s.wire.close_write()
-    assert isinstance(event(s.wire, conn), wire.Done)
+    assert isinstance(event(s.wire, conn), protocol.Done)
     assert s.wait(30) == 0, s.stderr()
 
     lines = trace.read_text(errors="replace").splitlines()
@@ -1022,9 +1023,9 @@ def test_pipelined_files_share_a_directory_fsync_that_precedes_every_250(rig: Ri
                          for i in range(n)) + conn.bye())
     s.wire.close_write()
     receipts = [event(s.wire, conn) for _ in range(n)]
-    assert all(isinstance(r, wire.Receipt) and r.ok for r in receipts), receipts
-    assert [r.index for r in receipts if isinstance(r, wire.Receipt)] == list(range(n))
-    assert isinstance(event(s.wire, conn), wire.Done)
+    assert all(isinstance(r, protocol.Receipt) and r.ok for r in receipts), receipts
+    assert [r.index for r in receipts if isinstance(r, protocol.Receipt)] == list(range(n))
+    assert isinstance(event(s.wire, conn), protocol.Done)
     assert s.wait(30) == 0, s.stderr()
     lines = trace.read_text(errors="replace").splitlines()
     box_dir = re.escape(str(box.path))
@@ -1056,10 +1057,10 @@ def test_a_hook_gets_a_nasty_name_as_one_argument_and_a_fixed_environment(rig: R
     receipt = event(s.wire, conn)
     # The 250 line does not wait for the hook (which sleeps 3 s after recording).
     assert time.monotonic() - sent_end < 2.5
-    assert isinstance(receipt, wire.Receipt) and receipt.ok, receipt
+    assert isinstance(receipt, protocol.Receipt) and receipt.ok, receipt
     s.wire.send(conn.bye())
     s.wire.close_write()
-    assert isinstance(event(s.wire, conn), wire.Done)
+    assert isinstance(event(s.wire, conn), protocol.Done)
     assert s.wait(20) == 0, s.stderr()
 
     rec = json.loads((out / "record.json").read_text())
@@ -1118,10 +1119,10 @@ def test_a_hook_past_hook_timeout_gets_sigterm_to_its_group_then_sigkill(rig: Ri
     s = rig.piped(rig.config([box], hook_timeout=2))
     conn = login(s.wire, box.key, "vm1")
     put(s.wire, conn, b"slow-hook.txt", b"x\n")
-    assert isinstance(event(s.wire, conn), wire.Receipt)
+    assert isinstance(event(s.wire, conn), protocol.Receipt)
     s.wire.send(conn.bye())
     s.wire.close_write()
-    assert isinstance(event(s.wire, conn), wire.Done)
+    assert isinstance(event(s.wire, conn), protocol.Done)
     wait_until(lambda: (out / "pids").exists(), timeout=10, what="the hook started")
     pids = [int(p) for p in (out / "pids").read_text().split()]
     hook_pid, child_pid, stubborn_pid = pids

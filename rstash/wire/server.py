@@ -53,7 +53,7 @@ class Judged(Enum):
 # Theory of operation
 # -------------------
 # The server reads one frame at a time; what arrived is looked up under the
-# current state here. A frame type missing for the current state is refused on its five-byte
+# current state here. A frame type missing there is refused on its five-byte
 # header, before its body is buffered: 535 before authentication, 500 after (a
 # peer that has not proved the key learns nothing from the code). A frame that
 # is allowed moves the state only after it has been parsed and its tag verified,

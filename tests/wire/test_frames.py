@@ -17,7 +17,8 @@ from wire_support import (
     server_error,
 )
 
-from rstash.errors import IntegrityError, RemoteProtocolError, Reply
+from rstash import wire
+from rstash.errors import IntegrityError, LocalProtocolError, RemoteProtocolError, Reply
 from rstash.wire import (
     NEED_DATA,
     FrameType,
@@ -99,3 +100,15 @@ def test_a_short_frame_body_is_refused_after_auth(ftype: int) -> None:
 
 def test_a_file_frame_shorter_than_its_tag_is_a_protocol_error() -> None:
     server_error(HELLO + frame(FrameType.FILE, bytes(31)), Reply.PROTOCOL_ERROR)
+
+
+@pytest.mark.parametrize(("ftype", "length"), [
+    (FrameType.HELLO, 0), (FrameType.HELLO, 4097), (FrameType.DATA, MIB + 1), (FrameType.END, 39),
+    (FrameType.END, 41), (FrameType.ABORT, 33), (FrameType.BYE, 0),
+])
+def test_a_payload_outside_its_limits_is_never_framed(ftype: FrameType, length: int) -> None:
+    with pytest.raises(LocalProtocolError):
+        frame(ftype, bytes(length))
+    lo, hi = wire.FRAME_LIMITS[ftype]
+    for ok in (lo, hi):
+        assert frame(ftype, bytes(ok))[:5] == header(ftype, ok)
