@@ -49,12 +49,16 @@ class Hello:
         return None if raw is None else raw.decode("utf-8", "replace")
 
 
+def encode_ext(ext: dict[int, bytes]) -> bytes:
+    """HELLO extensions as ``tag:u8 | s(value)`` entries, in tag order."""
+    return b"".join(bytes([tag]) + auth.s(value) for tag, value in sorted(ext.items()))
+
+
 def hello_without_proof(*, mode: int, box: bytes, key_id: bytes, nonce: bytes, time: int,
                         ext: dict[int, bytes] | None = None) -> bytes:
     """The signed part of a HELLO; the proof over it follows on the wire."""
-    ext_raw = b"".join(bytes([tag]) + auth.s(value) for tag, value in sorted((ext or {}).items()))
     return (bytes([PROTOCOL_VERSION, mode, METHOD_HMAC_SHA256]) + auth.s(box) + key_id
-            + nonce + auth.u64(time) + auth.s(ext_raw))
+            + nonce + auth.u64(time) + auth.s(encode_ext(ext or {})))
 
 
 def parse_hello(payload: bytes) -> Hello:
