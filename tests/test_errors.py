@@ -1,0 +1,29 @@
+"""The outcome table (rstash/errors.py): one code, text and word per outcome."""
+
+from __future__ import annotations
+
+from rstash.errors import Exit, Outcome, Refused, Reply, file_outcome, outcome_of
+
+
+def test_every_outcome_with_a_code_has_a_one_line_reply() -> None:
+    for o in Outcome:
+        if o.code is not None:
+            assert o.line == f"{o.code} {o.text}" and "\n" not in o.line
+
+
+def test_refused_says_what_happened_and_carries_its_reply() -> None:
+    e = Refused(Outcome.QUOTA, "usage 10 + 5 > quota 12")
+    assert (e.reply, e.reason, e.detail) == (Reply.TOO_LARGE, "quota", "usage 10 + 5 > quota 12")
+
+
+def test_the_client_words_of_per_file_codes() -> None:
+    assert outcome_of(250) == "stored" and outcome_of(250, dry_run=True) == "would_store"
+    assert [outcome_of(c) for c in (550, 552, 553, 452, 451, 426)] == [
+        "exists", "refused", "refused", "temporary", "temporary", "error"]
+    assert outcome_of(499) == "temporary" and outcome_of(599) == "refused"
+    assert file_outcome(452).exit == Exit.TEMPFAIL
+
+
+def test_refusals_counted_by_status_exclude_aborts_and_dry_runs() -> None:
+    assert not Outcome.ABORTED.refusal and not Outcome.WOULD_STORE.refusal
+    assert Outcome.EXISTS.refusal and Outcome.QUOTA.refusal and Outcome.LOCAL_ERROR.refusal
