@@ -5,5 +5,4 @@ from __future__ import annotations
 __version__ = "0.1.0"
 #: The wire protocol this package speaks (rstash(7)).
 PROTOCOL = "rstash/1"
-PROTOCOL_VERSION = 1
 DEFAULT_PORT = 7370

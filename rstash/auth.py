@@ -1,9 +1,10 @@
 """Keys, fingerprints and the rstash/1 construction (rstash(7) CONSTRUCTION).
 
-Pure functions over bytes: no sockets, no clock, no randomness except in
-``generate_key`` and the per-process dummy key. Every comparison of secret-
-derived values goes through ``hmac.compare_digest``. This module must never
-log or print a key.
+Pure functions over bytes: the key format, fingerprints, key derivation,
+tags and MACs. No sockets, no files (reading and writing key files is
+rstash.keys'), no clock, no randomness except in ``generate_key``. Every
+comparison of secret-derived values goes through ``hmac.compare_digest``.
+This module must never log or print a key.
 """
 
 from __future__ import annotations

@@ -62,14 +62,6 @@ LOG_KEEP_SECONDS = 90 * 86400
 #: Peer-supplied strings are cut to this many UTF-8 bytes, as in the text log.
 MAX_FIELD_BYTES = 300
 
-#: Delivery-log outcomes (the vocabulary shared with log lines and --json).
-OUTCOMES = frozenset({
-    "stored", "exists", "refused", "temporary", "would_store", "aborted", "error", "auth_failed",
-})
-#: Outcomes that --status counts as refusals ("aborted" is the client's own
-#: choice and "would_store" a dry run: neither is).
-REFUSAL_OUTCOMES = frozenset({"exists", "refused", "temporary", "error", "auth_failed"})
-
 _BUSY_TIMEOUT_MS = 5000
 _R = TypeVar("_R")
 # Connections inherited across fork(): kept referenced so that they are never
@@ -447,7 +439,8 @@ class StateDB:
     @staticmethod
     def _fill_status(conn: sqlite3.Connection, result: dict[str, Any], box: str | None,
                      start: float) -> None:
-        # The IN lists spell out REFUSAL_OUTCOMES (literal SQL, no string building).
+        # The IN lists spell out errors.REFUSAL_LOG_OUTCOMES (literal SQL, no string
+        # building; tests/test_errors.py holds them equal).
         with _transaction(conn, "BEGIN"):  # one snapshot for every query
             rows = conn.execute(
                 "SELECT box, max(at), sum(outcome = 'stored' AND at >= ?),"

@@ -217,7 +217,7 @@ def test_failed_hellos_do_not_grow_the_state_database_per_attempt(site: Site) ->
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "SECURITY (design, brief section 5 'quota = sum of st_size'): store.py BoxStore._usage "
+    "SECURITY (design, rstash-recv.toml(5) [box.NAME] quota): store.py BoxStore._usage "
     "counts st_size only, so a key holder's tiny or empty files cost ~nothing against quota "
     "while each takes an inode, a directory entry and a whole block (4 KiB for 1 byte): "
     "quota stops neither block nor inode exhaustion (min_free checks f_bavail, never "

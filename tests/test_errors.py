@@ -27,3 +27,18 @@ def test_the_client_words_of_per_file_codes() -> None:
 def test_refusals_counted_by_status_exclude_aborts_and_dry_runs() -> None:
     assert not Outcome.ABORTED.refusal and not Outcome.WOULD_STORE.refusal
     assert Outcome.EXISTS.refusal and Outcome.QUOTA.refusal and Outcome.LOCAL_ERROR.refusal
+
+
+def test_the_status_query_counts_exactly_the_refusal_outcomes() -> None:
+    """state.py spells the refusal list in literal SQL; it must be the table's."""
+    import inspect
+    import re
+
+    from rstash.errors import REFUSAL_LOG_OUTCOMES
+    from rstash.state import StateDB
+
+    source = inspect.getsource(StateDB._fill_status)
+    lists = re.findall(r"outcome IN \(([^)]*)\)", source)
+    assert lists
+    for listed in lists:
+        assert set(re.findall(r"'(\w+)'", listed)) == REFUSAL_LOG_OUTCOMES

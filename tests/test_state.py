@@ -1,4 +1,4 @@
-"""The replay cache fails closed, the delivery log fails open (rstash(7) rule 2, brief section 6).
+"""The replay cache fails closed, the delivery log fails open (rstash(7) rule 2, rstash-recv(8) FILES).
 
 Every test uses a real SQLite file under tmp_path; time is injected.
 """
