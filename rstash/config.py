@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import glob
 import os
-import re
-import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +41,7 @@ from rstash.settings import (
     settings_fields,
     toml_kind,
 )
+from rstash.tomlfile import field_path, problem_line, read_toml
 from rstash.units import MAX_SIZE, parse_duration, parse_size
 
 __all__ = [
@@ -128,36 +127,7 @@ class Config(ServerSettings):
 
 
 # ---------------------------------------------------------------------------
-# Error lines.
-
-_BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+\Z")
-
-
-def _key(part: str | int) -> str:
-    """One component of a field path, quoted the way TOML would need it."""
-    if isinstance(part, int):
-        return f"[{part}]"
-    if _BARE_KEY_RE.match(part):
-        return part
-    escaped = "".join(
-        "\\" + c if c in '"\\' else c if c.isprintable() else f"\\u{ord(c):04X}" for c in part
-    )
-    return f'"{escaped}"'
-
-
-def _field(*parts: str | int) -> str:
-    out = ""
-    for p in parts:
-        k = _key(p)
-        out += k if k.startswith("[") or not out else "." + k
-    return out
-
-
-def _line(file: str, where: str, message: str) -> str:
-    """One problem: ``FILE: field.path: message``, folded onto one line."""
-    message = " ".join(message.split())
-    return f"{file}: {where}: {message}" if where else f"{file}: {message}"
-
+# Pydantic's errors as one-line problems.
 
 def _pydantic_message(err: Mapping[str, Any]) -> str:
     """A human message for one pydantic error (never pydantic's own wording if avoidable)."""
@@ -191,7 +161,7 @@ def _validate(
             errors = e.errors(include_url=False)
         for err in errors:
             loc = tuple(err["loc"])
-            problems.append(_line(file, _field(*prefix, *loc), _pydantic_message(err)))
+            problems.append(problem_line(file, field_path(*prefix, *loc), _pydantic_message(err)))
             # Every table model has defaults for all fields, so dropping bad keys ends this.
             bad.add(str(loc[0]) if loc else "")
         if "" in bad:
@@ -202,41 +172,6 @@ def _validate(
 # Loading.
 
 
-def _read_toml(file: str, problems: list[str]) -> dict[str, Any] | None:
-    try:
-        with open(file, "rb") as fp:
-            raw = fp.read()
-    except OSError as e:
-        problems.append(_line(file, "", f"cannot read: {e.strerror or e}"))
-        return None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        problems.append(_line(file, f"line {line}", "not valid UTF-8"))
-        return None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        problems.append(_toml_error(file, str(e), text))
-        return None
-
-
-_TOML_POS_RE = re.compile(r"(.*) \(at (?:line (\d+), column (\d+)|end of document)\)\Z", re.S)
-
-
-def _toml_error(file: str, message: str, text: str) -> str:
-    """tomllib's "Msg (at line N, column C)" as ``FILE: line N: msg (column C)``."""
-    m = _TOML_POS_RE.match(message)
-    if m is None:
-        return _line(file, "", f"invalid TOML: {message}")
-    msg, line, col = m.groups()
-    msg = msg[:1].lower() + msg[1:]
-    if line is None:
-        return _line(file, f"line {max(1, len(text.splitlines()))}", f"{msg} (at end of file)")
-    return _line(file, f"line {line}", f"{msg} (column {col})")
-
-
 def _dotted_hints(name: str, table: dict[str, Any]) -> Iterable[tuple[str, str]]:
     """(field, hint) for sub-tables inside [box.NAME]: [box.a.b] meant box "a.b"."""
     for k, v in table.items():
@@ -245,7 +180,7 @@ def _dotted_hints(name: str, table: dict[str, Any]) -> Iterable[tuple[str, str]]
         dotted = f"{name}.{k}"
         if any(not isinstance(x, dict) for x in v.values()) or not v:
             yield (
-                _field("box", name, k),
+                field_path("box", name, k),
                 f"a table inside box {name!r}: write [box.\"{dotted}\"] "
                 "for a box name with dots",
             )
@@ -265,28 +200,28 @@ def _box_tables(
 ) -> None:
     boxes = data.get("box", {})
     if not isinstance(boxes, dict):
-        problems.append(_line(file, "box", f"must be a table ([box.NAME]), not {toml_kind(boxes)}"))
+        problems.append(problem_line(file, "box", f"must be a table ([box.NAME]), not {toml_kind(boxes)}"))
         return
     for name, table in boxes.items():
-        where = _field("box", name)
+        where = field_path("box", name)
         if not isinstance(table, dict):
-            problems.append(_line(file, where, f"must be a table, not {toml_kind(table)}"))
+            problems.append(problem_line(file, where, f"must be a table, not {toml_kind(table)}"))
             continue
         hints = list(_dotted_hints(name, table))
-        problems.extend(_line(file, f, h) for f, h in hints)
+        problems.extend(problem_line(file, f, h) for f, h in hints)
         nested = {k for k, v in table.items() if k not in _BOX_FIELDS and isinstance(v, dict)}
         if hints and nested == set(table):
             continue  # only the artefact of a dotted name: the hint says it all
         if not is_box_name(name):
             problems.append(
-                _line(file, where, f"invalid box name: must match {BOX_NAME_RE.pattern[:-2]}")
+                problem_line(file, where, f"invalid box name: must match {BOX_NAME_RE.pattern[:-2]}")
             )
         if name in into:
             first = into[name].file
             problems.append(
-                _line(file, where, f"box {name!r} is already defined in {first}")
+                problem_line(file, where, f"box {name!r} is already defined in {first}")
                 if first != file
-                else _line(file, where, "defined twice")
+                else problem_line(file, where, "defined twice")
             )
             continue
         plain = {k: v for k, v in table.items() if k not in nested}
@@ -305,7 +240,7 @@ def _effective_box(
             path = defaults.root / name
         elif "root" not in defaults_bad:
             problems.append(
-                _line(file, _field("box", name, "path"),
+                problem_line(file, field_path("box", name, "path"),
                       "missing, and [defaults] has no root to put the box in")
             )
     keys: tuple[Path, ...] = ()
@@ -314,7 +249,7 @@ def _effective_box(
         keys = tuple(base / k for k in b.keys)  # a relative key is beside its config file
     if not keys and "keys" not in raw.bad:
         problems.append(
-            _line(file, _field("box", name, "keys"),
+            problem_line(file, field_path("box", name, "keys"),
                   "a box needs at least one key (there is no open box)")
         )
     if path is None:
@@ -341,10 +276,10 @@ def _cross_check(
     by_path: dict[Path, BoxConfig] = {}
     for box in boxes:
         real = _real(box.path)
-        where = _field("box", box.name, "path")
+        where = field_path("box", box.name, "path")
         other = by_path.get(real)
         if other is not None:
-            problems.append(_line(str(box.source), where,
+            problems.append(problem_line(str(box.source), where,
                                   f"{box.path} is the same directory as box {other.name}'s"))
             continue
         by_path[real] = box
@@ -352,8 +287,8 @@ def _cross_check(
         for parent in real.parents:
             outer = by_path.get(parent)
             if outer is not None:
-                problems.append(_line(
-                    str(box.source), _field("box", box.name, "path"),
+                problems.append(problem_line(
+                    str(box.source), field_path("box", box.name, "path"),
                     f"{box.path} is inside box {outer.name} ({outer.path}): box paths must "
                     "not nest",
                 ))
@@ -362,24 +297,24 @@ def _cross_check(
         real_state = _real(state_dir)
         for real, box in by_path.items():
             if real_state == real or real in real_state.parents:
-                problems.append(_line(top_file, "state_dir",
+                problems.append(problem_line(top_file, "state_dir",
                                       f"{state_dir} is inside box {box.name} ({box.path})"))
             elif real_state in real.parents:
-                problems.append(_line(str(box.source), _field("box", box.name, "path"),
+                problems.append(problem_line(str(box.source), field_path("box", box.name, "path"),
                                       f"{box.path} is inside state_dir ({state_dir})"))
     key_owner: dict[Path, BoxConfig] = {}
     for box in boxes:
         seen: set[Path] = set()
         for key in box.keys:
             real = _real(key)
-            where = _field("box", box.name, "keys")
+            where = field_path("box", box.name, "keys")
             if real in seen:
-                warnings.append(_line(str(box.source), where, f"key {key} is listed twice"))
+                warnings.append(problem_line(str(box.source), where, f"key {key} is listed twice"))
                 continue
             seen.add(real)
             owner = key_owner.setdefault(real, box)
             if owner is not box:
-                warnings.append(_line(
+                warnings.append(problem_line(
                     str(box.source), where,
                     f"key {key} also used by box {owner.name}: a leaked client key opens both",
                 ))
@@ -394,7 +329,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     file = os.path.abspath(os.fspath(path))
     problems: list[str] = []
     warnings: list[str] = []
-    data = _read_toml(file, problems)
+    data = read_toml(file, problems)
     if data is None:
         raise ConfigError(problems)
 
@@ -403,7 +338,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     top, top_bad = _validate(_TopTable, data, file, (), problems)
 
     if not isinstance(defaults_data, dict):
-        problems.append(_line(file, "defaults", f"must be a table, not {toml_kind(defaults_data)}"))
+        problems.append(problem_line(file, "defaults", f"must be a table, not {toml_kind(defaults_data)}"))
         defaults_data = {}
     defaults, defaults_bad = _validate(
         _DefaultsTable, defaults_data, file, ("defaults",), problems
@@ -419,22 +354,22 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         matches = sorted(glob.glob(full))
         if not matches and not glob.has_magic(full):
             problems.append(
-                _line(file, "include", f"cannot read {full}: No such file or directory")
+                problem_line(file, "include", f"cannot read {full}: No such file or directory")
             )
         for inc in matches:
             real = os.path.realpath(inc)
             if real == os.path.realpath(file):
-                problems.append(_line(file, "include", f"{pattern!r} includes this file itself"))
+                problems.append(problem_line(file, "include", f"{pattern!r} includes this file itself"))
             if real in read_already:
                 continue
             read_already.add(real)
-            inc_data = _read_toml(inc, problems)
+            inc_data = read_toml(inc, problems)
             if inc_data is None:
                 continue
             for key in inc_data:
                 if key != "box":
-                    problems.append(_line(
-                        inc, _field(key),
+                    problems.append(problem_line(
+                        inc, field_path(key),
                         "not allowed in an included file (only [box.NAME] tables)",
                     ))
             _box_tables(inc_data, inc, problems, raw_boxes)
@@ -447,7 +382,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     state_dir = None if "state_dir" in top_bad else top.state_dir
     _cross_check(list(boxes.values()), state_dir, file, problems, warnings)
     if not raw_boxes and not problems:
-        warnings.append(_line(file, "box", "no box is defined: every session will be refused"))
+        warnings.append(problem_line(file, "box", "no box is defined: every session will be refused"))
     if problems:
         raise ConfigError(problems)
     settings = {f.name: getattr(top, f.name) for f in settings_fields(ServerSettings)}

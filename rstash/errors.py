@@ -184,6 +184,15 @@ class Outcome(Enum):
         """The reply line without a MAC: ``CODE TEXT``."""
         return f"{self.code} {self.text}"
 
+    @classmethod
+    def of_protocol_error(cls, reply: int | None, *, authenticated: bool) -> Outcome:
+        """How a session the peer broke ends: before authentication, only an unsupported
+        version or method is told apart from ``535`` (rstash(7) RULES, rule 1)."""
+        for early in (cls.VERSION_NOT_SUPPORTED, cls.METHOD_NOT_SUPPORTED):
+            if reply == early.code:
+                return early
+        return cls.PROTOCOL_ERROR if authenticated else cls.PREAUTH_PROTOCOL_ERROR
+
     @property
     def refusal(self) -> bool:
         """Counted as a refusal by --status (an abort is the client's choice, a dry run none)."""

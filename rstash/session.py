@@ -1,8 +1,9 @@
 """One server session: greeting, proof, files, receipts, bye.
 
-The driver between the transport (bytes with deadlines), the protocol (events)
-and the store (files). It decides every reply and writes nothing to the
-connection but reply lines. Exit status of a session (rstash-recv(8)): 0 when
+The driver between the transport (bytes with deadlines), the protocol (events),
+the HELLO judge (rstash.hello) and the store (files). It turns every outcome
+into its reply line and log line through the outcome table, and writes
+nothing to the connection but reply lines. Exit status of a session (rstash-recv(8)): 0 when
 it ended the way the protocol defines (stored, refused, authentication
 failed, busy), 1 when the peer broke the protocol (garbage, truncation,
 timeout), 2 for our own failure.
@@ -18,6 +19,7 @@ from typing import Any
 
 from . import auth, protocol
 from .config import BoxConfig, Config
+from .delivery import DeliveryLog
 from .errors import (
     Exit,
     Outcome,
@@ -56,12 +58,6 @@ class _FileState:
     started: float = field(default_factory=time.monotonic)
 
 
-#: The outcome of each reply code a protocol error may carry.
-_PROTOCOL_ERRORS = {
-    o.code: o for o in (Outcome.VERSION_NOT_SUPPORTED, Outcome.METHOD_NOT_SUPPORTED)
-}
-
-
 class ServerSession:
     def __init__(self, cfg: Config, stream: FdStream, log: Logger, *, peer: str | None = None,
                  allowed_boxes: frozenset[str] | None = None,
@@ -83,10 +79,7 @@ class ServerSession:
         self.mode = "interactive"
         #: called once the 235 line is out (the accept loop counts pre-auth sessions)
         self.on_authenticated = on_authenticated
-        #: the delivery log: None until first used, False when state_dir is unfit
-        self._db: Any = None
-        #: a failing delivery log is reported once per session, not once per file
-        self._db_warned = False
+        self.deliveries = DeliveryLog(cfg.state_dir, log, peer=peer)
         #: the file being received (FILE seen, END or ABORT not yet)
         self._cur: _FileState | None = None
         self.judge = HelloJudge(cfg, {}, allowed_boxes=allowed_boxes)
@@ -127,9 +120,7 @@ class ServerSession:
             self.result.status = Exit.REFUSED
         except RemoteProtocolError as e:
             self._abort_current()
-            outcome = _PROTOCOL_ERRORS.get(e.reply or 0, Outcome.PROTOCOL_ERROR)
-            if self.keys is None and outcome is Outcome.PROTOCOL_ERROR:
-                outcome = Outcome.PREAUTH_PROTOCOL_ERROR
+            outcome = Outcome.of_protocol_error(e.reply, authenticated=self.keys is not None)
             self._log_session(outcome, detail=e.message)
             self._try_send(protocol.line(outcome.line))
             self.result.status = Exit.REFUSED
@@ -335,21 +326,7 @@ class ServerSession:
         batch, self._ended = self._ended, []
         if not batch:
             return
-        done: list[tuple[_FileState, protocol.End, str | None, Refused | None]] = []
-        for st, upload, end in batch:
-            try:
-                done.append((st, end, upload.commit(sync_dir=False), None))
-            except Refused as e:
-                upload.abort()
-                done.append((st, end, None, e))
-            except OSError as e:
-                upload.abort()
-                done.append((st, end, None, Refused(Outcome.LOCAL_ERROR, e.strerror or str(e))))
-        if any(final is not None for _st, _end, final, _e in done):
-            try:
-                self.store.sync_dir()
-            except Refused as e:
-                done = [(st, end, None, e if final is not None else err) for st, end, final, err in done]
+        finals = self.store.commit_batch([upload for _st, upload, _end in batch])
         box = self.box
         assert box is not None
         # Every file of the batch is logged (and its hook queued) even when the client
@@ -364,11 +341,10 @@ class ServerSession:
                 except RstashError as e:
                     lost = e
 
-        for st, end, final, err in done:
-            if err is not None or final is None:
-                assert err is not None
-                self._log_file(st, err.outcome, reason=err.reason, detail=err.detail or None)
-                say(st, err.outcome)
+        for (st, _upload, end), final in zip(batch, finals, strict=True):
+            if isinstance(final, Refused):
+                self._log_file(st, final.outcome, reason=final.reason, detail=final.detail or None)
+                say(st, final.outcome)
                 continue
             self.result.stored += 1
             digest = end.sha256.hex()
@@ -426,38 +402,10 @@ class ServerSession:
             fields["mode"] = "dry-run"
         good = outcome in (Outcome.STORED, Outcome.WOULD_STORE)
         (self.log.info if good else self.log.warning)(**fields)
-        self._record(box=box.name if box else "", name=st.name if final is None else final,
-                     outcome=outcome.log, code=outcome.code or 0, bytes_=bytes_, sha256=sha256)
-
-    def _record(self, *, box: str, name: str | None, outcome: str, code: int, bytes_: int = 0,
-                sha256: str | None = None) -> None:
-        # The delivery log fails open: a database problem is logged, never a reply.
-        from . import state
-
-        error: str | None
-        try:
-            db = self._db
-            if db is None:
-                # Judged once per session: a state_dir unfit for the replay cache
-                # keeps the delivery log off too.
-                if state.check_state_dir(self.cfg.state_dir) is not None:
-                    self._db = False
-                    return
-                db = self._db = state.StateDB(self.cfg.state_dir)
-            elif db is False:
-                return
-            written = db.log_event(box=box, name=name, outcome=outcome, code=code, bytes=bytes_,
-                                   sha256=sha256, peer=self.peer,
-                                   key=self.key.log_name() if self.key else None)
-            error = None if written else db.last_error or "not written"
-        except Exception as e:
-            error = f"delivery log in {self.cfg.state_dir}: {e}"
-        if error is not None and not self._db_warned:
-            # Once per session: --status is missing this session's rows from here on.
-            self._db_warned = True
-            self.log.warning(event="state", box=box or None, outcome="error",
-                             detail=f"{error} (state_dir {self.cfg.state_dir}); "
-                                    "--status will not show this delivery")
+        self.deliveries.record(box=box.name if box else "",
+                               name=st.name if final is None else final, outcome=outcome,
+                               key=self.key.log_name() if self.key else None, bytes_=bytes_,
+                               sha256=sha256)
 
     def _log_session(self, outcome: Outcome, **extra: Any) -> None:
         self.result.outcome = outcome.log
@@ -479,8 +427,7 @@ class ServerSession:
             self.hooks.close()
         if self.store is not None:
             self.store.close()
-        if self._db:
-            self._db.close()
+        self.deliveries.close()
 
 
 def run_session(cfg: Config, log: Logger, stream: FdStream, *, peer: str | None,

@@ -168,6 +168,29 @@ class BoxStore:
         self._uploads.add(upload)
         return upload
 
+    def commit_batch(self, uploads: list[Upload]) -> list[str | Refused]:
+        """Commit ``uploads`` under one directory fsync: each one's final name or refusal.
+
+        Files pipelined by one client are fsynced back to back and one directory
+        fsync covers them all; when it fails, every file of the batch that was
+        linked is refused (its name may not be durable: no 250).
+        """
+        results: list[str | Refused] = []
+        for upload in uploads:
+            try:
+                results.append(upload.commit(sync_dir=False))
+            except Refused as e:
+                results.append(e)  # commit aborted the upload
+            except OSError as e:
+                upload.abort()
+                results.append(Refused(Outcome.LOCAL_ERROR, e.strerror or str(e)))
+        if any(isinstance(r, str) for r in results):
+            try:
+                self.sync_dir()
+            except Refused as e:
+                results = [e if isinstance(r, str) else r for r in results]
+        return results
+
     # -- housekeeping -------------------------------------------------------
 
     def sweep(self, older_than: float) -> list[str]:

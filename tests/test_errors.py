@@ -42,3 +42,10 @@ def test_the_status_query_counts_exactly_the_refusal_outcomes() -> None:
     assert lists
     for listed in lists:
         assert set(re.findall(r"'(\w+)'", listed)) == REFUSAL_LOG_OUTCOMES
+
+
+def test_before_authentication_only_version_and_method_are_told_apart() -> None:
+    of = Outcome.of_protocol_error
+    assert of(Reply.VERSION_NOT_SUPPORTED, authenticated=False) is Outcome.VERSION_NOT_SUPPORTED
+    assert of(Reply.PROTOCOL_ERROR, authenticated=False).line == "535 authentication failed"
+    assert of(None, authenticated=True).line == "500 protocol error"
