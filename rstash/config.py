@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, PlainValidator, ValidationError, cre
 from rstash.errors import ConfigError
 from rstash.names import BOX_NAME_RE, is_box_name
 from rstash.settings import (
+    DEFAULT_CONFIG,
     BoxPolicy,
     ServerSettings,
     array_of,
@@ -55,8 +56,6 @@ __all__ = [
     "parse_size",
 ]
 
-#: The config a serving rstash-recv reads unless ``-c`` says otherwise.
-DEFAULT_CONFIG = "/etc/rstash/rstash-recv.toml"
 
 # Sizes and durations: the one parser of each lives in rstash.units (no pydantic there,
 # so rstash-send can use it cheaply); re-exported here.

@@ -3,7 +3,15 @@
 This module owns turning ``--listen [HOST:]PORT`` into bound, non-blocking,
 close-on-exec sockets (every IPv6 one ``IPV6_V6ONLY``), adopting a listening
 socket inherited from inetd ``wait`` or systemd ``Accept=no``, and sending
-sd_notify(3) messages. It must never accept a connection or read from one:
+sd_notify(3) messages.
+
+``PORT`` alone binds every address, ``0.0.0.0`` and
+``[::]`` (each family its own socket); ``HOST:PORT`` and ``[V6]:PORT`` bind
+what HOST resolves to. Every IPv6 socket is ``IPV6_V6ONLY``, whatever the
+sysctl says, so ``--listen 0.0.0.0:P --listen [::]:P`` works and ``[::]:P``
+means IPv6 only.
+
+It must never accept a connection or read from one:
 that is the accept loop's (rstash.serve).
 """
 

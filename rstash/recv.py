@@ -67,8 +67,6 @@ def _isolate() -> None:
         os.execve(sys.executable, argv, env)  # noqa: S606 - our own interpreter, no shell
 
 
-DEFAULT_CONFIG = "/etc/rstash/rstash-recv.toml"
-
 USAGE = """\
 rstash-recv [-c FILE] [--box NAME]... [--debug]
 rstash-recv [-c FILE] --listen [HOST:]PORT ...
@@ -85,6 +83,8 @@ rstash-recv -V | --version"""
 
 def _parser() -> argparse.ArgumentParser:
     import argparse
+
+    from .settings import DEFAULT_CONFIG
 
     p = argparse.ArgumentParser(
         prog="rstash-recv", usage=USAGE,

@@ -34,12 +34,6 @@ Theory of operation
 * **accept() failing** for lack of resources (EMFILE, ENFILE, ENOBUFS, ENOMEM,
   ECONNABORTED): wait 100 ms before accepting again; logged at most once a
   minute, so that a flood cannot flood the log.
-* **--listen addresses**: ``PORT`` alone binds every address, ``0.0.0.0`` and
-  ``[::]`` (each family its own socket); ``HOST:PORT`` and ``[V6]:PORT`` bind
-  what HOST resolves to. Every IPv6 socket is ``IPV6_V6ONLY``, whatever the
-  sysctl says, so ``--listen 0.0.0.0:P --listen [::]:P`` works and ``[::]:P``
-  means IPv6 only.
-
 This module must never write anything but ``421 busy`` to a connection from the
 parent, and never run a session in the parent process.
 """
@@ -59,20 +53,12 @@ from typing import Any
 from . import protocol
 from .config import Config, load_config
 from .errors import ConfigError, Exit, Outcome
-from .listen import (
-    ListenError,
-    adopt_fd,
-    bind_listen,
-    monotonic_usec,
-    parse_listen,
-    sd_notify,
-    sock_name,
-)
+from .listen import ListenError, adopt_fd, bind_listen, monotonic_usec, sd_notify, sock_name
 from .log import Logger
 from .session import run_session
 from .transport import FdStream, peer_address
 
-__all__ = ["ListenError", "Server", "parse_listen", "run", "sd_notify"]
+__all__ = ["Server", "run"]
 
 #: poll() never sleeps longer than this, so a lost wake-up costs at most this long.
 POLL_INTERVAL = 1.0
@@ -86,9 +72,6 @@ KILL_AFTER = 5.0
 ACCEPT_BATCH = 32
 #: The one byte a child writes to its pipe after ``235``.
 _AUTHENTICATED = b"A"
-
-
-# --------------------------------------------------------------------------- the session in a child
 
 
 @dataclass

@@ -28,6 +28,8 @@ Overwrite = Literal["refuse", "replace", "rename"]
 Network = IPv4Network | IPv6Network
 Check = Callable[[object], Any]
 
+#: The config a serving rstash-recv reads unless ``-c`` says otherwise.
+DEFAULT_CONFIG = "/etc/rstash/rstash-recv.toml"
 #: The values of ``overwrite``, in the order messages list them.
 OVERWRITE_POLICIES: tuple[Overwrite, ...] = ("refuse", "replace", "rename")
 #: Execute, setuid, setgid and sticky bits: a delivered file is data, never a program.
