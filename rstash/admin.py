@@ -37,6 +37,7 @@ from rstash.checks import (
 )
 from rstash.config import Config, load_config, parse_duration
 from rstash.errors import ConfigError, Exit, KeyFileError, RstashError
+from rstash.settings import empty_means
 from rstash.units import human_size
 
 __all__ = ["ServiceUser", "check_config", "dump_config", "resolve_user", "status", "test_config"]
@@ -131,15 +132,11 @@ def dump_config(path: str, *, as_json: bool) -> int:
         out.write(f"\nbox {_word(name)}\n")
         for key, value in box.items():
             if key != "name":
-                shown = _EMPTY_MEANS.get(key, "none") if value == [] else _dump_value(value)
+                shown = empty_means(key) if value == [] else _dump_value(value)
                 out.write(f"  {key} {shown}\n")
     for warning in warnings:
         _err(f"warning: {warning}")
     return Exit.OK
-
-
-#: What an empty list means, where it is not "none".
-_EMPTY_MEANS = {"allow_names": "any", "allow_from": "any"}
 
 
 def _dump_value(value: object) -> str:

@@ -219,9 +219,11 @@ def _octal(mode: object) -> str:
     return f"{mode:04o}"
 
 
-def meta(check: Check, dump: Callable[[Any], Any] | None = None) -> dict[str, Any]:
-    """A settings field's metadata: the check of its TOML value, its --dump-config form."""
-    return {"check": check, "dump": dump}
+def meta(check: Check, dump: Callable[[Any], Any] | None = None, *,
+         empty: str = "none") -> dict[str, Any]:
+    """A settings field's metadata: the check of its TOML value, its --dump-config form
+    and what an empty list of it means in the human --dump-config."""
+    return {"check": check, "dump": dump, "empty": empty}
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,14 +249,15 @@ class ServerSettings:
 class BoxPolicy:
     """What [defaults] and [box.NAME] share: the rules the store enforces for one box."""
 
-    allow_names: tuple[str, ...] = field(default=(), metadata=meta(check_strings))
+    allow_names: tuple[str, ...] = field(default=(), metadata=meta(check_strings, empty="any"))
     deny_names: tuple[str, ...] = field(default=(), metadata=meta(check_strings))
     overwrite: Overwrite = field(default="refuse", metadata=meta(_overwrite))
     max_file_size: int | None = field(default=None, metadata=meta(_size))
     quota: int | None = field(default=None, metadata=meta(_size))
     min_free: int | None = field(default=None, metadata=meta(_size))
     file_mode: int = field(default=0o640, metadata=meta(_file_mode, _octal))
-    allow_from: tuple[Network, ...] = field(default=(), metadata=meta(array_of(_network)))
+    allow_from: tuple[Network, ...] = field(default=(), metadata=meta(array_of(_network),
+                                                                      empty="any"))
     pipe_mode: bool = field(default=False, metadata=meta(_boolean))
     on_receive: tuple[str, ...] | None = field(default=None, metadata=meta(_on_receive))
 
@@ -271,6 +274,14 @@ class BoxPolicy:
 def settings_fields(cls: type[ServerSettings] | type[BoxPolicy]) -> tuple[Field[Any], ...]:
     """The fields of ``cls`` that are settings (those with a check)."""
     return tuple(f for f in fields(cls) if "check" in f.metadata)
+
+
+def empty_means(name: str) -> str:
+    """What an empty list means for the box setting ``name`` ("any" or "none")."""
+    for f in settings_fields(BoxPolicy):
+        if f.name == name:
+            return str(f.metadata["empty"])
+    return "none"
 
 
 def dump_value(value: object) -> object:

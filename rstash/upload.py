@@ -15,7 +15,6 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Iterator
-from types import TracebackType
 from typing import TYPE_CHECKING
 
 from rstash.errors import Outcome, Refused, StoreError
@@ -166,13 +165,8 @@ class Upload:
     def __enter__(self) -> Upload:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.abort()
+    def __exit__(self, *exc_info: object) -> None:
+        self.abort()  # after a commit, a no-op
 
     # -- internals ----------------------------------------------------------
 

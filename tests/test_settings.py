@@ -36,3 +36,10 @@ def test_dump_is_json_ready() -> None:
     dumped = dump_settings(BoxPolicy(allow_names=("*.gz",)))
     assert dumped["file_mode"] == "0640" and dumped["allow_names"] == ["*.gz"]
     assert dump_settings(ServerSettings())["state_dir"] == "/var/lib/rstash"
+
+
+def test_an_empty_allow_list_means_any_and_other_empty_lists_none() -> None:
+    from rstash.settings import empty_means
+
+    assert (empty_means("allow_names"), empty_means("allow_from")) == ("any", "any")
+    assert (empty_means("deny_names"), empty_means("keys")) == ("none", "none")
