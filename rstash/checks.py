@@ -335,7 +335,7 @@ def _check_state_dir(cfg: Config, user: ServiceUser, report: Report) -> None:
 
 def _state_dir_problem(path: Path, user: ServiceUser) -> str | None:
     """Why state_dir is unfit for ``user`` (root without --user: any owner)."""
-    from rstash.state import check_state_dir
+    from rstash.statedir import check_state_dir
 
     return check_state_dir(path, uid=user.uid, check_owner=not user.guessed_root)
 

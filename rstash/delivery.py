@@ -41,6 +41,7 @@ class DeliveryLog:
                bytes_: int = 0, sha256: str | None = None) -> bool:
         """Write one row; False (and, the first time, a warning line) when it was not written."""
         from rstash import state
+        from rstash.statedir import check_state_dir
 
         error: str | None = None
         try:
@@ -50,7 +51,7 @@ class DeliveryLog:
             if db is None:
                 # Judged once per session: a state_dir unfit for the replay cache
                 # keeps the delivery log off too.
-                if state.check_state_dir(self.state_dir) is not None:
+                if check_state_dir(self.state_dir) is not None:
                     self._off = True
                     return False
                 db = self._db = state.StateDB(self.state_dir)

@@ -121,10 +121,11 @@ class HelloJudge:
         if not box.pipe_mode:
             return Verdict(Outcome.PIPE_MODE_OFF, box, reason="pipe mode off")
         from rstash import state
+        from rstash.statedir import check_state_dir
 
         skew = hello.time - int(time.time() if now is None else now)
         try:
-            problem = state.check_state_dir(self.cfg.state_dir)
+            problem = check_state_dir(self.cfg.state_dir)
             if problem is not None:
                 raise state.StateUnavailable(problem)
             with state.StateDB(self.cfg.state_dir) as db:
