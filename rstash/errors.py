@@ -10,9 +10,11 @@ Every error rstash raises carries its exit status and, where it reaches the
 wire, its reply code. One handler in each command line (``recv.main``,
 ``send.main``) turns these into one line on stderr or in the log and an exit
 status. The exception classes live here, except those that belong to one
-module's interface: ``store.SizeMismatch``, ``state.ReplayRefused``,
-``state.ClockSkew``, ``state.StateUnavailable``, ``transport.PeerClosed`` and
-``listen.ListenError`` (each a subclass of :class:`RstashError`).
+module's interface, each a subclass of one here: ``protocol.IntegrityError``
+(:class:`RemoteProtocolError`), ``upload.SizeMismatch`` (:class:`StoreError`),
+``state.ReplayRefused``, ``state.ClockSkew``, ``state.StateUnavailable``,
+``listen.ListenError`` (:class:`RstashError`), ``transport.PeerClosed``
+(:class:`TransportError`), and rstash-send's own in send.py.
 
 This module must never import another rstash module.
 """
