@@ -245,9 +245,9 @@ def _serve(args: argparse.Namespace) -> int:
         # A connected socket in LISTEN_FDS (systemd-socket-activate -a, Accept=yes
         # without StandardInput=socket): one session on it.
         from .session import run_session
-        from .transport import FdStream, peer_address
+        from .transport import peer_address
 
-        return run_session(cfg, log, FdStream(fds[0]), peer=peer_address(fds[0]), boxes=boxes)
+        return run_session(cfg, log, fds[0], peer=peer_address(fds[0]), boxes=boxes)
     if listen or fds:
         from . import serve  # type: ignore[attr-defined,unused-ignore]
 
@@ -271,14 +271,13 @@ def _listen_fds() -> list[int]:
 def serve_stdio(cfg: Config, log: Logger, boxes: frozenset[str] | None) -> int:
     """One session on fd 0 (reads) and fd 1 (writes): inetd nowait, ssh, Accept=yes."""
     from .session import run_session
-    from .transport import FdStream, is_socket, peer_address, widen_pipe
+    from .transport import is_socket, peer_address, widen_pipe
 
     # A socket on fd 0 is the whole connection (inetd, systemd Accept=yes);
     # fd 1 may be a log file then. Pipes (ssh) read fd 0 and write fd 1.
     if not is_socket(0):
         widen_pipe(0)  # ssh: sshd writes the stream into this pipe
-    stream = FdStream(0, 0 if is_socket(0) else 1)
-    return run_session(cfg, log, stream, peer=peer_address(0), boxes=boxes)
+    return run_session(cfg, log, 0, 0 if is_socket(0) else 1, peer=peer_address(0), boxes=boxes)
 
 
 if __name__ == "__main__":

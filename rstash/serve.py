@@ -56,7 +56,7 @@ from .errors import ConfigError, Exit, Outcome
 from .listen import ListenError, adopt_fd, bind_listen, monotonic_usec, sd_notify, sock_name
 from .log import Logger
 from .session import run_session
-from .transport import FdStream, peer_address
+from .transport import peer_address
 
 __all__ = ["Server", "run"]
 
@@ -322,7 +322,7 @@ class Server:
             except OSError:
                 pass
 
-        return run_session(cfg, self.log, FdStream(conn.fileno()), peer=peer, boxes=self.boxes,
+        return run_session(cfg, self.log, conn.fileno(), peer=peer, boxes=self.boxes,
                            on_authenticated=authenticated)
 
     # -- children --

@@ -430,16 +430,16 @@ class ServerSession:
         self.deliveries.close()
 
 
-def run_session(cfg: Config, log: Logger, stream: FdStream, *, peer: str | None,
-                boxes: frozenset[str] | None,
+def run_session(cfg: Config, log: Logger, rfd: int, wfd: int | None = None, *,
+                peer: str | None, boxes: frozenset[str] | None,
                 on_authenticated: Callable[[], None] | None = None) -> int:
-    """Run one session to its end and return its exit status.
+    """Run one session on ``rfd`` (and ``wfd``, for a pipe pair) and return its exit status.
 
     The one top-level handler of every deployment shape (stdio, a connected
     socket, a forked child): an unexpected error is logged, never sent on the wire.
     """
     try:
-        return ServerSession(cfg, stream, log, peer=peer, allowed_boxes=boxes,
+        return ServerSession(cfg, FdStream(rfd, wfd), log, peer=peer, allowed_boxes=boxes,
                              on_authenticated=on_authenticated).run().status
     except Exception as e:
         log.error(event="session", outcome="error", peer=peer, detail=f"{type(e).__name__}: {e}")

@@ -15,7 +15,7 @@ import pytest
 from rstash import auth, protocol
 from rstash.config import load_config
 from rstash.log import Logger
-from rstash.session import ServerSession
+from rstash.session import ServerSession, run_session
 from rstash.store import BoxStore
 from rstash.transport import FdStream
 
@@ -215,3 +215,14 @@ def test_a_failing_delivery_log_is_reported_once_per_session_and_files_are_still
     assert len(warnings) == 1, warnings
     assert str(tmp_path / "state") in warnings[0] and "outcome=error" in warnings[0]
     assert sorted(os.listdir(tmp_path / "box")) == ["a", "b"]
+
+
+def test_run_session_logs_an_unexpected_failure_and_exits_2(tmp_path: Path) -> None:
+    """The one top-level handler of every deployment shape: never a traceback."""
+    _key, conf, log = _site(tmp_path)
+    r, w = os.pipe()
+    os.close(r)
+    os.close(w)  # a descriptor that is no longer open
+    assert run_session(load_config(conf), Logger(str(log)), r, peer="192.0.2.1", boxes=None) == 2
+    line = log.read_text()
+    assert "event=session outcome=error peer=192.0.2.1" in line and "OSError" in line
