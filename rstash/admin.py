@@ -27,7 +27,6 @@ from typing import Any, Literal, TextIO
 from rstash.checks import (
     Report,
     ServiceUser,
-    _age,
     _run_checks,
     _seconds,
     _text,
@@ -38,7 +37,7 @@ from rstash.checks import (
 from rstash.config import Config, load_config, parse_duration
 from rstash.errors import ConfigError, Exit, KeyFileError, RstashError
 from rstash.settings import empty_means
-from rstash.units import human_size
+from rstash.units import human_age, human_size
 
 __all__ = ["ServiceUser", "check_config", "dump_config", "resolve_user", "status", "test_config"]
 
@@ -305,14 +304,14 @@ def _print_status(result: dict[str, Any], out: TextIO) -> None:
             out.write(f"  last stored   {never}\n")
         else:
             out.write(f"  last stored   {_word(s['name'] or '')} {s['time']} "
-                      f"({_age(now - s['timestamp'])} ago) {human_size(int(s['bytes']))}"
+                      f"({human_age(now - s['timestamp'])} ago) {human_size(int(s['bytes']))}"
                       f"{_from(s)}\n")
         r = b["last_refused"]
         if r is None:
             out.write(f"  last refused  {never}\n")
         else:
             out.write(f"  last refused  {_word(r['name'] or '-')} {r['time']} "
-                      f"({_age(now - r['timestamp'])} ago) {r['code']} {r['outcome']}"
+                      f"({human_age(now - r['timestamp'])} ago) {r['code']} {r['outcome']}"
                       f"{_from(r)}\n")
         out.write(f"  last 24 h     {b['stored_24h']} stored, {b['refused_24h']} refused\n")
     if result["keys"]:
@@ -323,11 +322,11 @@ def _print_status(result: dict[str, Any], out: TextIO) -> None:
             what += f" {_text(k['comment'])}"
         where = f"box {_word(k['box'])}" + ("" if k["configured"] else " (no longer configured)")
         when = never if k["last_used"] is None else (
-            f"{k['last_used']} ({_age(now - k['last_used_timestamp'])} ago)")
+            f"{k['last_used']} ({human_age(now - k['last_used_timestamp'])} ago)")
         out.write(f"  {what}  {where}  last used {when}\n")
     if result["stale_after"] is not None:
         stale = [b["box"] for b in result["boxes"] if b["stale"]]
-        limit = _age(result["stale_after"])
+        limit = human_age(result["stale_after"])
         out.write(f"\nSTALE (nothing stored for {limit}): {', '.join(stale)}\n" if stale
                   else f"\nok: every box stored a file in the last {limit}\n")
 

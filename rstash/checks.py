@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from rstash.config import BoxConfig, Config, load_config
 from rstash.errors import ConfigError, KeyFileError, RstashError
-from rstash.units import human_size
+from rstash.units import human_age, human_size
 
 Level = Literal["error", "warning", "info"]
 
@@ -267,18 +267,7 @@ def _check_temps(box: BoxConfig, cfg: Config, report: Report) -> None:
         if age > cfg.idle_timeout:
             report.add(box.name, "warning",
                        f"stale temp file {box.path / temp} ({human_size(size)}, "
-                       f"{_age(age)} old): a later session's sweep removes it")
-
-
-def _age(seconds: float) -> str:
-    s = int(seconds)
-    if s < 120:
-        return f"{s} s"
-    if s < 7200:
-        return f"{s // 60} min"
-    if s < 172800:
-        return f"{s // 3600} h"
-    return f"{s // 86400} d"
+                       f"{human_age(age)} old): a later session's sweep removes it")
 
 
 def _check_key(box: str, path: Path, user: ServiceUser, report: Report) -> None:

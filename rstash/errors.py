@@ -12,7 +12,6 @@ wire, its reply code. One handler in each command line (``recv.main``,
 status. The exception classes live here, except those that belong to one
 module's interface, each a subclass of one here: ``protocol.IntegrityError``
 (:class:`RemoteProtocolError`), ``upload.SizeMismatch`` (:class:`StoreError`),
-``state.ReplayRefused``, ``state.ClockSkew``, ``state.StateUnavailable``,
 ``listen.ListenError`` (:class:`RstashError`), ``transport.PeerClosed``
 (:class:`TransportError`), and rstash-send's own in send.py.
 
@@ -201,6 +200,10 @@ class Outcome(Enum):
         return self.log in REFUSAL_LOG_OUTCOMES
 
 
+#: The outcomes the delivery log records, one word each (--status, --metrics).
+DELIVERY_OUTCOMES = frozenset(o.log for o in (
+    Outcome.STORED, Outcome.WOULD_STORE, Outcome.EXISTS, Outcome.TOO_LARGE,
+    Outcome.INSUFFICIENT_STORAGE, Outcome.ABORTED, Outcome.UNFINISHED, Outcome.AUTH_FAILED))
 #: Log outcomes that --status counts as refusals.
 REFUSAL_LOG_OUTCOMES = frozenset({"exists", "refused", "temporary", "error", "auth_failed"})
 
@@ -335,3 +338,25 @@ class Refused(StoreError):
     def reason(self) -> str:
         """The reply text (``exists``, ``quota``, …)."""
         return self.outcome.text
+
+
+class ReplayRefused(RstashError):
+    """A pipe-mode nonce was seen before, or its time is not above the box's floor."""
+
+    reply = Reply.REPLAYED
+
+
+class ClockSkew(RstashError):
+    """A pipe-mode time outside replay_window. ``skew`` = client time - server time."""
+
+    reply = Reply.CLOCK_SKEW
+
+    def __init__(self, skew: int) -> None:
+        self.skew = skew
+        super().__init__(f"clock skew {skew:+d} s")
+
+
+class StateUnavailable(RstashError):
+    """The replay cache cannot answer: SQLite failed, or state_dir is unfit. Fails closed."""
+
+    reply = Reply.LOCAL_ERROR

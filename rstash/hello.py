@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import ipaddress
 import secrets
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from rstash import auth, protocol
 from rstash.config import BoxConfig, Config
-from rstash.errors import Outcome, RstashError
+from rstash.errors import ClockSkew, Outcome, ReplayRefused, RstashError, StateUnavailable
 from rstash.settings import Network
 
 #: A random key per process: an unknown box or key id still runs the full
@@ -112,8 +111,7 @@ class HelloJudge:
         candidates = [k for k in keys or [DUMMY_KEY] if auth.verify(k.key_id, hello.key_id)]
         return box, [k for k in candidates if k is not DUMMY_KEY], why
 
-    def judge_pipe(self, box: BoxConfig, hello: protocol.Hello,
-                   now: float | None = None) -> Verdict | None:
+    def judge_pipe(self, box: BoxConfig, hello: protocol.Hello) -> Verdict | None:
         """None when an authenticated pipe-mode session may go on, else the refusal.
 
         The replay cache fails closed: a state_dir that cannot hold it refuses the session.
@@ -123,17 +121,15 @@ class HelloJudge:
         from rstash import state
         from rstash.statedir import check_state_dir
 
-        skew = hello.time - int(time.time() if now is None else now)
         try:
             problem = check_state_dir(self.cfg.state_dir)
             if problem is not None:
-                raise state.StateUnavailable(problem)
+                raise StateUnavailable(problem)
             with state.StateDB(self.cfg.state_dir) as db:
                 db.check_replay(box.name, hello.nonce, hello.time, self.cfg.replay_window)
-        except state.ClockSkew as e:
-            skew = getattr(e, "skew", skew)
-            return Verdict(Outcome.CLOCK_SKEW, box, reason=f"clock skew {skew:+d} s", skew=skew)
-        except state.ReplayRefused as e:
+        except ClockSkew as e:
+            return Verdict(Outcome.CLOCK_SKEW, box, reason=f"clock skew {e.skew:+d} s", skew=e.skew)
+        except ReplayRefused as e:
             # detail tells "nonce already seen" from "not above the box's floor" (a stream
             # made before the replay cache existed): the reply line must not, the admin must.
             return Verdict(Outcome.REPLAYED, box, reason="replayed session", detail=e.message)

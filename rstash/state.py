@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any, TypeVar
 
-from rstash.errors import Reply, RstashError
+from rstash.errors import ClockSkew, ReplayRefused, StateUnavailable
 from rstash.statedir import check_state_dir
 
 DB_NAME = "rstash.db"
@@ -78,31 +78,6 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS keys (key TEXT NOT NULL, box TEXT NOT NULL,"
     " last_used REAL NOT NULL, PRIMARY KEY (key, box))",
 )
-
-
-class ReplayRefused(RstashError):
-    """A pipe-mode nonce was seen before, or its time is not above the box's floor."""
-
-    reply = Reply.REPLAYED
-
-
-class ClockSkew(RstashError):
-    """A pipe-mode time outside replay_window. ``skew`` = client time - server time."""
-
-    reply = Reply.CLOCK_SKEW
-
-    def __init__(self, skew: int) -> None:
-        self.skew = skew
-        super().__init__(f"clock skew {skew:+d} s")
-
-
-class StateUnavailable(RstashError):
-    """The replay cache cannot answer: SQLite failed, or state_dir is unfit. Fails closed."""
-
-    reply = Reply.LOCAL_ERROR
-
-
-# --- the database -------------------------------------------------------------------------
 
 
 def _clip(value: str | None) -> str | None:

@@ -49,3 +49,13 @@ def test_before_authentication_only_version_and_method_are_told_apart() -> None:
     assert of(Reply.VERSION_NOT_SUPPORTED, authenticated=False) is Outcome.VERSION_NOT_SUPPORTED
     assert of(Reply.PROTOCOL_ERROR, authenticated=False).line == "535 authentication failed"
     assert of(None, authenticated=True).line == "500 protocol error"
+
+
+def test_every_per_file_outcome_is_a_word_of_the_delivery_log() -> None:
+    from rstash.errors import DELIVERY_OUTCOMES, REFUSAL_LOG_OUTCOMES
+
+    per_file = [Outcome.STORED, Outcome.WOULD_STORE, Outcome.EXISTS, Outcome.TOO_LARGE,
+                Outcome.QUOTA, Outcome.NAME_NOT_ALLOWED, Outcome.INSUFFICIENT_STORAGE,
+                Outcome.LOCAL_ERROR, Outcome.ABORTED, Outcome.UNFINISHED]
+    assert {o.log for o in per_file} | {"auth_failed"} == DELIVERY_OUTCOMES
+    assert REFUSAL_LOG_OUTCOMES < DELIVERY_OUTCOMES

@@ -71,3 +71,33 @@ def test_peer_allowed() -> None:
     nets = (ipaddress.ip_network("10.0.0.0/8"),)
     assert peer_allowed("10.1.2.3", nets) and not peer_allowed("11.0.0.1", nets)
     assert not peer_allowed(None, nets) and peer_allowed(None, ())
+
+
+def _pipe_hello(key: auth.Key, when: int) -> protocol.Hello:
+    signed = protocol.hello_without_proof(mode=protocol.MODE_PIPE, box=b"vm1", key_id=key.key_id,
+                                          nonce=secrets.token_bytes(32), time=when)
+    server = protocol.ServerConnection()
+    server.receive_data(protocol.frame(protocol.FrameType.HELLO,
+                                       signed + auth.session_keys(key, b"", signed).proof))
+    event = server.next_event()
+    assert isinstance(event, protocol.Hello)
+    return event
+
+
+def test_a_pipe_stream_is_fresh_once_then_replayed_and_a_far_clock_is_skew(
+        tmp_path: Path) -> None:
+    judge, key, _greeting = _setup(tmp_path)
+    state_dir = tmp_path / "state"
+    state_dir.mkdir(mode=0o700)
+    (tmp_path / "recv.toml").write_text(
+        f'state_dir = "{state_dir}"\n[box.vm1]\npath = "{tmp_path / "box"}"\n'
+        f'keys = ["{tmp_path / "vm1.key"}"]\npipe_mode = true\n')
+    judge = HelloJudge(load_config(tmp_path / "recv.toml"), {"vm1": [key]})
+    box = judge.cfg.boxes["vm1"]
+    hello = _pipe_hello(key, int(time.time()) + 2)  # above the new cache's floor
+    assert judge.judge_pipe(box, hello) is None
+    again = judge.judge_pipe(box, hello)
+    assert again is not None and again.outcome is Outcome.REPLAYED
+    skewed = judge.judge_pipe(box, _pipe_hello(key, int(time.time()) + 3600))
+    assert skewed is not None and skewed.outcome is Outcome.CLOCK_SKEW
+    assert skewed.skew is not None and skewed.skew > 3000

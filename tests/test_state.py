@@ -19,13 +19,8 @@ from pathlib import Path
 import pytest
 
 from rstash import state, statedir
-from rstash.errors import Reply
-from rstash.state import (
-    ClockSkew,
-    ReplayRefused,
-    StateDB,
-    StateUnavailable,
-)
+from rstash.errors import ClockSkew, ReplayRefused, Reply, StateUnavailable
+from rstash.state import StateDB
 from rstash.statedir import check_state_dir, fstype_of, parse_mountinfo
 
 NOBODY = 65534
