@@ -1,8 +1,8 @@
 """rstash-recv's admin commands: ``-t``, ``--check-config``, ``--dump-config``, ``--status``.
 
 This module owns what an administrator, Ansible or Nagios sees of a server's
-configuration and delivery log (brief sections 2, 3 and 6): the checks of every
-box and key against the service user, their human and JSON reports, and the
+configuration and delivery log (rstash-recv(8), ADMINISTRATION): the reports of
+the checks of rstash.checks, human and JSON, and the
 exit statuses 0 (all is well) and 1 (a problem was found).
 
 It must never change anything: no box is opened for writing, no key is
@@ -18,23 +18,28 @@ that fails to load is exit 1 here, not the serving path's 2.
 from __future__ import annotations
 
 import datetime
-import grp
 import json
-import os
-import pwd
-import stat
 import sys
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
-from rstash.config import BoxConfig, Config, load_config, parse_duration
+from rstash.checks import (
+    Report,
+    ServiceUser,
+    _run_checks,
+    _seconds,
+    _text,
+    _word,
+    _words,
+    resolve_user,
+)
+from rstash.config import Config, load_config, parse_duration
 from rstash.errors import ConfigError, Exit, KeyFileError, RstashError
-from rstash.units import human_size
+from rstash.settings import empty_means
+from rstash.units import human_age, human_size
 
-__all__ = ["check_config", "dump_config", "status", "test_config"]
+__all__ = ["ServiceUser", "check_config", "dump_config", "resolve_user", "status", "test_config"]
 
 Level = Literal["error", "warning", "info"]
 PROG = "rstash-recv"
@@ -42,351 +47,6 @@ PROG = "rstash-recv"
 
 def _err(line: str) -> None:
     sys.stderr.write(f"{PROG}: {line}\n")
-
-
-# ---------------------------------------------------------------------------
-# The service user, judged from permission bits (no setuid, no access(2)).
-
-
-@dataclass(frozen=True)
-class ServiceUser:
-    """Who rstash-recv runs as: the account whose rights every check is about."""
-
-    name: str
-    uid: int
-    groups: frozenset[int]
-    #: True when no --user was given and we run as root: ownership is not judged
-    guessed_root: bool = False
-
-    def may(self, st: os.stat_result, want: int) -> bool:
-        """Whether this user has every bit of ``want`` (a mask of 4 r, 2 w, 1 x).
-
-        POSIX picks exactly one class (owner, else group, else other); root may
-        read and write anything and search any directory. ACLs are not judged.
-        """
-        if self.uid == 0:
-            return not (want & 1) or stat.S_ISDIR(st.st_mode) or bool(st.st_mode & 0o111)
-        if st.st_uid == self.uid:
-            bits = (st.st_mode >> 6) & 7
-        elif st.st_gid in self.groups:
-            bits = (st.st_mode >> 3) & 7
-        else:
-            bits = st.st_mode & 7
-        return bits & want == want
-
-
-def resolve_user(name: str | None) -> ServiceUser:
-    """The ``--user`` account (a name or a numeric uid), or the current euid's.
-
-    Raises KeyError with a message when the account does not exist.
-    """
-    if name is None:
-        uid = os.geteuid()
-        try:
-            pw = pwd.getpwuid(uid)
-        except KeyError:
-            groups = {os.getegid(), *os.getgroups()}
-            return ServiceUser(str(uid), uid, frozenset(groups), guessed_root=uid == 0)
-        return ServiceUser(pw.pw_name, uid, _groups_of(pw), guessed_root=uid == 0)
-    try:
-        pw = pwd.getpwnam(name)
-    except KeyError:
-        if not name.isdigit():
-            raise KeyError(f"--user {name}: no such user") from None
-        try:
-            pw = pwd.getpwuid(int(name))
-        except KeyError:
-            raise KeyError(f"--user {name}: no such user") from None
-    return ServiceUser(pw.pw_name, pw.pw_uid, _groups_of(pw))
-
-
-def _groups_of(pw: pwd.struct_passwd) -> frozenset[int]:
-    """Primary and supplementary groups of an account, as the login would get them."""
-    try:
-        return frozenset(os.getgrouplist(pw.pw_name, pw.pw_gid))
-    except OSError:
-        return frozenset({pw.pw_gid})
-
-
-def _user_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return f"uid {uid}"
-
-
-def _group_name(gid: int) -> str:
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return f"gid {gid}"
-
-
-def _group_members(gid: int) -> set[int]:
-    """Uids of every account in a group (listed members and primary-group users)."""
-    uids = {pw.pw_uid for pw in pwd.getpwall() if pw.pw_gid == gid}
-    try:
-        members = grp.getgrgid(gid).gr_mem
-    except KeyError:
-        members = []
-    for member in members:
-        try:
-            uids.add(pwd.getpwnam(member).pw_uid)
-        except KeyError:
-            continue
-    return uids
-
-
-def _unreachable(path: Path, user: ServiceUser) -> str | None:
-    """The first ancestor of ``path`` the user cannot search, or None."""
-    real = Path(os.path.realpath(path))
-    for parent in reversed(real.parents):
-        try:
-            st = os.stat(parent)
-        except OSError:
-            return None  # reported by the caller's own stat
-        if not user.may(st, 1):
-            return str(parent)
-    return None
-
-
-# ---------------------------------------------------------------------------
-# Records: the one report that the human and the JSON forms both print.
-
-
-@dataclass
-class Report:
-    """Every finding of a check, in order."""
-
-    records: list[dict[str, Any]] = field(default_factory=list)
-
-    def add(self, box: str | None, level: Level, message: str) -> None:
-        self.records.append({"box": box, "level": level, "message": " ".join(message.split())})
-
-    @property
-    def errors(self) -> list[dict[str, Any]]:
-        return [r for r in self.records if r["level"] == "error"]
-
-    def problem_lines(self, levels: Iterable[str] = ("error", "warning")) -> list[str]:
-        wanted = set(levels)
-        return [
-            f"{r['level']}: " + (f"box {r['box']}: " if r["box"] is not None else "") + r["message"]
-            for r in self.records if r["level"] in wanted
-        ]
-
-
-def _size(n: int | None) -> str:
-    """An exact size in the config's own units (``50GiB``), or ``none``."""
-    if n is None:
-        return "none"
-    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale and n % scale == 0:
-            return f"{n // scale}{unit}"
-    return f"{n}B"
-
-
-def _word(text: str) -> str:
-    """A value printable on one line: as is when plain, else JSON-quoted (ASCII)."""
-    if text and text.isprintable() and not any(c.isspace() or c in "\"'\\" for c in text):
-        return text
-    return json.dumps(text, ensure_ascii=True)
-
-
-def _text(text: str) -> str:
-    """Free text (a key comment) as is when printable, else JSON-quoted (ASCII)."""
-    return text if text.isprintable() else json.dumps(text, ensure_ascii=True)
-
-
-def _words(items: Iterable[object]) -> str:
-    out = [_word(str(i)) for i in items]
-    return " ".join(out) if out else "none"
-
-
-def _seconds(value: float) -> str:
-    return str(int(value)) if value == int(value) else str(value)
-
-
-# ---------------------------------------------------------------------------
-# The checks.
-
-
-def _check_box(box: BoxConfig, cfg: Config, user: ServiceUser, report: Report) -> None:
-    name = box.name
-    _check_box_dir(box, cfg, user, report)
-    allow = _words(box.allow_names) if box.allow_names else "any valid name"
-    report.add(name, "info", f"names allow {allow}; deny {_words(box.deny_names)}")
-    report.add(name, "info", f"overwrite {box.overwrite}, file_mode {box.file_mode:04o}")
-    report.add(name, "info", f"limits max_file_size {_size(box.max_file_size)}, "
-                             f"quota {_size(box.quota)}, min_free {_size(box.min_free)}")
-    report.add(name, "info", f"allow_from {_words(box.allow_from) if box.allow_from else 'any'}")
-    report.add(name, "info", f"pipe_mode {'on' if box.pipe_mode else 'off'}")
-    if box.on_receive:
-        report.add(name, "info", f"on_receive {_words(box.on_receive)}")
-    for key in box.keys:
-        _check_key(name, key, user, report)
-
-
-def _check_box_dir(box: BoxConfig, cfg: Config, user: ServiceUser, report: Report) -> None:
-    name, path = box.name, box.path
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        report.add(name, "info", f"path {path} missing")
-        report.add(name, "error", f"path {path} does not exist (rstash-recv never creates it)")
-        return
-    except OSError as e:
-        report.add(name, "info", f"path {path} unknown")
-        report.add(name, "error", f"path {path}: {e.strerror}")
-        return
-    if stat.S_ISLNK(st.st_mode):
-        report.add(name, "info", f"path {path} is a symbolic link")
-        report.add(name, "error", f"path {path} is a symbolic link: box directories are "
-                                  "opened with O_NOFOLLOW (name the real directory)")
-        return
-    if not stat.S_ISDIR(st.st_mode):
-        report.add(name, "info", f"path {path} is not a directory")
-        report.add(name, "error", f"path {path} is not a directory")
-        return
-    ok = True
-    mode = stat.S_IMODE(st.st_mode)
-    if mode & stat.S_IWOTH:
-        report.add(name, "error", f"path {path} is world-writable (mode {mode:04o}): "
-                                  "anyone could plant or take names")
-        ok = False
-    blocked = _unreachable(path, user)
-    if blocked is not None:
-        report.add(name, "error", f"path {path} cannot be reached by {user.name}: "
-                                  f"{blocked} is not searchable")
-        ok = False
-    elif not user.may(st, 2 | 1):
-        report.add(name, "error", f"path {path} is not writable by {user.name} (owner "
-                                  f"{_user_name(st.st_uid)}, group {_group_name(st.st_gid)}, "
-                                  f"mode {mode:04o})")
-        ok = False
-    try:
-        if os.statvfs(path).f_flag & os.ST_RDONLY:
-            report.add(name, "error", f"path {path} is on a read-only file system")
-            ok = False
-    except OSError:
-        pass
-    owner = f"owner {_user_name(st.st_uid)}:{_group_name(st.st_gid)}, mode {mode:04o}"
-    if ok:
-        report.add(name, "info", f"path {path} exists, writable by {user.name} ({owner})")
-    else:
-        report.add(name, "info", f"path {path} exists, NOT usable by {user.name} ({owner})")
-    _check_temps(box, cfg, report)
-
-
-def _check_temps(box: BoxConfig, cfg: Config, report: Report) -> None:
-    from rstash.store import BoxStore
-
-    try:
-        with BoxStore(box.path) as store:  # opens the directory read-only; no sweep
-            temps = store.stale_temps()
-    except (RstashError, OSError) as e:
-        report.add(box.name, "warning", f"cannot look for stale temp files: {e}")
-        return
-    for temp, size, age in sorted(temps):
-        if age > cfg.idle_timeout:
-            report.add(box.name, "warning",
-                       f"stale temp file {box.path / temp} ({human_size(size)}, "
-                       f"{_age(age)} old): a later session's sweep removes it")
-
-
-def _age(seconds: float) -> str:
-    s = int(seconds)
-    if s < 120:
-        return f"{s} s"
-    if s < 7200:
-        return f"{s // 60} min"
-    if s < 172800:
-        return f"{s // 3600} h"
-    return f"{s // 86400} d"
-
-
-def _check_key(box: str, path: Path, user: ServiceUser, report: Report) -> None:
-    from rstash.auth import load_key_file
-
-    try:
-        key = load_key_file(path)
-    except KeyFileError as e:
-        report.add(box, "error", e.message)
-        return
-    report.add(box, "info", f"key {path} {key.describe()}")
-    try:
-        st = os.stat(path)
-    except OSError as e:  # vanished since it was read
-        report.add(box, "error", f"key {path}: {e.strerror}")
-        return
-    mode = stat.S_IMODE(st.st_mode)
-    blocked = _unreachable(path, user)
-    if blocked is not None:
-        report.add(box, "error", f"key {path} cannot be reached by {user.name}: "
-                                 f"{blocked} is not searchable")
-    elif not user.may(st, 4):
-        report.add(box, "error", f"key {path} is not readable by {user.name} (owner "
-                                 f"{_user_name(st.st_uid)}, group {_group_name(st.st_gid)}, "
-                                 f"mode {mode:04o})")
-    if mode & stat.S_IRGRP and st.st_gid not in user.groups:
-        report.add(box, "warning", f"key {path} is readable by group {_group_name(st.st_gid)}, "
-                                   f"which {user.name} is not in")
-    writers: list[str] = []
-    if mode & stat.S_IWUSR and st.st_uid not in (0, user.uid):
-        writers.append(f"its owner {_user_name(st.st_uid)}")
-    if mode & stat.S_IWGRP and _group_members(st.st_gid) - {0, user.uid}:
-        writers.append(f"group {_group_name(st.st_gid)}")
-    if mode & stat.S_IWOTH:
-        writers.append("everyone")
-    if writers:
-        report.add(box, "warning", f"key {path} is writable by {' and '.join(writers)}: "
-                                   "whoever can write it can replace the box's key")
-
-
-def _check_state_dir(cfg: Config, user: ServiceUser, report: Report) -> None:
-    problem = _state_dir_problem(cfg.state_dir, user)
-    pipe_boxes = sorted(b.name for b in cfg.boxes.values() if b.pipe_mode)
-    if problem is None:
-        unchecked = " (owner not checked: pass --user)" if user.guessed_root else ""
-        report.add(None, "info", f"state_dir {cfg.state_dir}: ok{unchecked}")
-    elif pipe_boxes:
-        report.add(None, "error", f"state_dir {problem}: pipe mode needs it "
-                                  f"(box {', '.join(pipe_boxes)})")
-    else:
-        report.add(None, "warning", f"state_dir {problem}: the delivery log (--status) is off "
-                                    "and pipe mode would be refused")
-
-
-def _state_dir_problem(path: Path, user: ServiceUser) -> str | None:
-    """Why state_dir is unfit for ``user`` (root without --user: any owner)."""
-    from rstash.state import check_state_dir
-
-    return check_state_dir(path, uid=user.uid, check_owner=not user.guessed_root)
-
-
-def _run_checks(path: str, user: ServiceUser) -> tuple[Config | None, Report]:
-    report = Report()
-    try:
-        cfg = load_config(path)
-    except ConfigError as e:
-        for problem in e.problems:
-            report.add(None, "error", problem)
-        return None, report
-    report.add(None, "info", f"config {cfg.source}")
-    report.add(None, "info", f"service user {user.name} (uid {user.uid})")
-    if user.guessed_root:
-        report.add(None, "info", "checked as root, who can read and write anything; "
-                                 "rstash-recv refuses to serve as root: pass --user NAME "
-                                 "to check for the service user")
-    for warning in cfg.warnings:
-        report.add(None, "warning", warning)
-    _check_state_dir(cfg, user, report)
-    for box in sorted(cfg.boxes.values(), key=lambda b: b.name):
-        _check_box(box, cfg, user, report)
-    return cfg, report
-
-
-# ---------------------------------------------------------------------------
-# The commands.
 
 
 def test_config(path: str) -> int:
@@ -471,15 +131,11 @@ def dump_config(path: str, *, as_json: bool) -> int:
         out.write(f"\nbox {_word(name)}\n")
         for key, value in box.items():
             if key != "name":
-                shown = _EMPTY_MEANS.get(key, "none") if value == [] else _dump_value(value)
+                shown = empty_means(key) if value == [] else _dump_value(value)
                 out.write(f"  {key} {shown}\n")
     for warning in warnings:
         _err(f"warning: {warning}")
     return Exit.OK
-
-
-#: What an empty list means, where it is not "none".
-_EMPTY_MEANS = {"allow_names": "any", "allow_from": "any"}
 
 
 def _dump_value(value: object) -> str:
@@ -648,14 +304,14 @@ def _print_status(result: dict[str, Any], out: TextIO) -> None:
             out.write(f"  last stored   {never}\n")
         else:
             out.write(f"  last stored   {_word(s['name'] or '')} {s['time']} "
-                      f"({_age(now - s['timestamp'])} ago) {human_size(int(s['bytes']))}"
+                      f"({human_age(now - s['timestamp'])} ago) {human_size(int(s['bytes']))}"
                       f"{_from(s)}\n")
         r = b["last_refused"]
         if r is None:
             out.write(f"  last refused  {never}\n")
         else:
             out.write(f"  last refused  {_word(r['name'] or '-')} {r['time']} "
-                      f"({_age(now - r['timestamp'])} ago) {r['code']} {r['outcome']}"
+                      f"({human_age(now - r['timestamp'])} ago) {r['code']} {r['outcome']}"
                       f"{_from(r)}\n")
         out.write(f"  last 24 h     {b['stored_24h']} stored, {b['refused_24h']} refused\n")
     if result["keys"]:
@@ -666,11 +322,11 @@ def _print_status(result: dict[str, Any], out: TextIO) -> None:
             what += f" {_text(k['comment'])}"
         where = f"box {_word(k['box'])}" + ("" if k["configured"] else " (no longer configured)")
         when = never if k["last_used"] is None else (
-            f"{k['last_used']} ({_age(now - k['last_used_timestamp'])} ago)")
+            f"{k['last_used']} ({human_age(now - k['last_used_timestamp'])} ago)")
         out.write(f"  {what}  {where}  last used {when}\n")
     if result["stale_after"] is not None:
         stale = [b["box"] for b in result["boxes"] if b["stale"]]
-        limit = _age(result["stale_after"])
+        limit = human_age(result["stale_after"])
         out.write(f"\nSTALE (nothing stored for {limit}): {', '.join(stale)}\n" if stale
                   else f"\nok: every box stored a file in the last {limit}\n")
 

@@ -1,9 +1,10 @@
 """Keys, fingerprints and the rstash/1 construction (rstash(7) CONSTRUCTION).
 
-Pure functions over bytes: no sockets, no clock, no randomness except in
-``generate_key`` and the per-process dummy key. Every comparison of secret-
-derived values goes through ``hmac.compare_digest``. This module must never
-log or print a key.
+Pure functions over bytes: the key format, fingerprints, key derivation,
+tags and MACs. No sockets, no files (reading and writing key files is
+rstash.keys'), no clock, no randomness except in ``generate_key``. Every
+comparison of secret-derived values goes through ``hmac.compare_digest``.
+This module must never log or print a key.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import hashlib
 import hmac
 import os
 import re
-import stat
 import struct
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -136,38 +136,10 @@ def format_key(secret: bytes, comment: str = "") -> str:
 
 
 def load_key_file(path: str | os.PathLike[str], *, client: bool = False) -> Key:
-    """Read a key file with the checks of rstash-recv.toml(5) KEYS.
+    """Read a key file; the reading and its checks live in :mod:`rstash.keys`."""
+    from rstash.keys import load_key_file as load
 
-    Refused: a symlink, anything not a regular file, a world-readable file, and
-    (``client=True``, like ssh with a private key) a group-readable one.
-    """
-    name = os.fspath(path)
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError as e:
-        if e.errno == 40:  # ELOOP: the last component is a symlink
-            raise KeyFileError(f"{name}: key file is a symlink: refused") from None
-        raise KeyFileError(f"{name}: cannot read key: {e.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise KeyFileError(f"{name}: key file is not a regular file: refused")
-        if st.st_mode & (stat.S_IROTH | stat.S_IWOTH):
-            raise KeyFileError(
-                f"{name}: permissions {stat.S_IMODE(st.st_mode):04o} are too open: "
-                "a key must not be readable or writable by others")
-        if client and st.st_mode & (stat.S_IRGRP | stat.S_IWGRP | stat.S_IWOTH):
-            raise KeyFileError(
-                f"{name}: permissions {stat.S_IMODE(st.st_mode):04o} are too open: "
-                "a client key must be 0600 (chmod 600 it)")
-        data = os.read(fd, 65536)
-    finally:
-        os.close(fd)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise KeyFileError(f"{name}: not an rstash key (not UTF-8)") from None
-    return parse_key_text(text, name)
+    return load(path, client=client)
 
 
 def generate_key() -> bytes:

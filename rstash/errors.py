@@ -1,14 +1,26 @@
-"""The exception tree: every error rstash raises carries its exit status and,
-where it reaches the wire, its reply code.
+"""Exit statuses, reply codes, the outcome table and the exception tree.
 
-One handler in each command line (``recv.main``, ``send.main``) turns these into
-one line on stderr or in the log and an exit status; nothing else maps errors
-to numbers. This module must never import another rstash module.
+:class:`Outcome` is the one table of what can happen to a file or a session:
+each member carries its reply code and text, its word in the log and the
+delivery log, its ``--json`` status and rstash-send's exit status. The store
+raises :class:`Refused` naming an outcome; the session turns it into a reply
+line and a log line through this table, and nothing else picks a code or a word.
+
+Every error rstash raises carries its exit status and, where it reaches the
+wire, its reply code. One handler in each command line (``recv.main``,
+``send.main``) turns these into one line on stderr or in the log and an exit
+status. The exception classes live here, except those that belong to one
+module's interface, each a subclass of one here: ``wire.IntegrityError``
+(:class:`RemoteProtocolError`), ``upload.SizeMismatch`` (:class:`StoreError`),
+``listen.ListenError`` (:class:`RstashError`), ``transport.PeerClosed``
+(:class:`TransportError`), and rstash-send's own in send.py.
+
+This module must never import another rstash module.
 """
 
 from __future__ import annotations
 
-from enum import IntEnum
+from enum import Enum, IntEnum
 
 
 class Exit(IntEnum):
@@ -91,17 +103,134 @@ class Reply(IntEnum):
     INTEGRITY = 554
 
 
+class Outcome(Enum):
+    """What happened to one file or one session (rstash(7) REPLIES, rstash-recv(8) LOGGING).
+
+    Each member is (reply code or None, reply text, log outcome, JSON status,
+    rstash-send's exit status). The log outcome is the word in the log and the
+    delivery log; the JSON status is rstash-send's word per file.
+    """
+
+    #: the file is durable under its final name
+    STORED = (Reply.STORED, "stored", "stored", "stored", Exit.OK)
+    #: a dry run: the file would have been stored
+    WOULD_STORE = (Reply.STORED, "would store", "would_store", "would_store", Exit.OK)
+    #: a file of that name exists and overwrite = "refuse" (or no rename was free)
+    EXISTS = (Reply.EXISTS, "exists", "exists", "exists", Exit.REFUSED)
+    #: larger than max_file_size
+    TOO_LARGE = (Reply.TOO_LARGE, "too large", "refused", "refused", Exit.REFUSED)
+    #: storing it would exceed the box's quota
+    QUOTA = (Reply.TOO_LARGE, "quota", "refused", "refused", Exit.REFUSED)
+    #: the name breaks a name rule, allow_names or deny_names
+    NAME_NOT_ALLOWED = (Reply.NAME_NOT_ALLOWED, "name not allowed", "refused", "refused",
+                        Exit.REFUSED)
+    #: disk full, the file system's quota, or min_free
+    INSUFFICIENT_STORAGE = (Reply.INSUFFICIENT_STORAGE, "insufficient storage", "temporary",
+                            "temporary", Exit.TEMPFAIL)
+    #: the server's own failure with one file (I/O)
+    LOCAL_ERROR = (Reply.LOCAL_ERROR, "local error", "temporary", "temporary", Exit.TEMPFAIL)
+    #: the client gave the file up (ABORT)
+    ABORTED = (Reply.ABORTED, "aborted", "aborted", "error", Exit.LOCAL)
+    #: a file's transfer ended with the session, before its END
+    UNFINISHED = (None, "", "error", "error", Exit.LOCAL)
+
+    #: BYE answered: the session ended as the protocol defines
+    COMPLETE = (Reply.BYE, "bye", "complete", "stored", Exit.OK)
+    #: the connection ended without BYE
+    TRUNCATED = (None, "", "truncated", "error", Exit.TRANSPORT)
+    #: too many sessions: the client retries later
+    BUSY = (Reply.BUSY, "busy", "busy", "temporary", Exit.TEMPFAIL)
+    #: the peer was silent for longer than its timeout
+    TIMEOUT = (Reply.BUSY, "timeout", "timeout", "temporary", Exit.TEMPFAIL)
+    #: any pre-authentication failure, uniformly
+    AUTH_FAILED = (Reply.AUTH_FAILED, "authentication failed", "auth_failed", "refused",
+                   Exit.AUTH)
+    #: the peer broke the protocol before authenticating (told like an auth failure)
+    PREAUTH_PROTOCOL_ERROR = (Reply.AUTH_FAILED, "authentication failed", "protocol_error",
+                              "refused", Exit.AUTH)
+    #: the peer broke the framing or the state machine after authentication
+    PROTOCOL_ERROR = (Reply.PROTOCOL_ERROR, "protocol error", "protocol_error", "error",
+                      Exit.PROTOCOL)
+    #: protocol version not supported
+    VERSION_NOT_SUPPORTED = (Reply.VERSION_NOT_SUPPORTED, "version not supported",
+                             "protocol_error", "error", Exit.PROTOCOL)
+    #: method not supported
+    METHOD_NOT_SUPPORTED = (Reply.METHOD_NOT_SUPPORTED, "method not supported",
+                            "protocol_error", "error", Exit.PROTOCOL)
+    #: a tag failed to verify; ends the session
+    INTEGRITY = (Reply.INTEGRITY, "integrity check failed", "integrity", "error", Exit.PROTOCOL)
+    #: pipe-mode session to a box without pipe_mode
+    PIPE_MODE_OFF = (Reply.PIPE_MODE_OFF, "pipe mode off", "refused", "refused", Exit.REFUSED)
+    #: pipe-mode timestamp outside replay_window
+    CLOCK_SKEW = (Reply.CLOCK_SKEW, "clock skew", "refused", "refused", Exit.REFUSED)
+    #: pipe-mode nonce already seen, or not above the box's floor
+    REPLAYED = (Reply.REPLAYED, "replayed session", "refused", "refused", Exit.REFUSED)
+    #: the server's own failure before any file (box directory, replay cache)
+    SESSION_ERROR = (Reply.LOCAL_ERROR, "local error", "error", "temporary", Exit.TEMPFAIL)
+
+    def __init__(self, code: int | None, text: str, log: str, status: str, exit: int) -> None:
+        #: the reply code, or None when nothing is said on the wire
+        self.code = code
+        #: the reply text after the code
+        self.text = text
+        #: the word in the log and the delivery log
+        self.log = log
+        #: rstash-send's --json status
+        self.status = status
+        #: rstash-send's exit status
+        self.exit = exit
+
+    @property
+    def line(self) -> str:
+        """The reply line without a MAC: ``CODE TEXT``."""
+        return f"{self.code} {self.text}"
+
+    @classmethod
+    def of_protocol_error(cls, reply: int | None, *, authenticated: bool) -> Outcome:
+        """How a session the peer broke ends: before authentication, only an unsupported
+        version or method is told apart from ``535`` (rstash(7) RULES, rule 1)."""
+        for early in (cls.VERSION_NOT_SUPPORTED, cls.METHOD_NOT_SUPPORTED):
+            if reply == early.code:
+                return early
+        return cls.PROTOCOL_ERROR if authenticated else cls.PREAUTH_PROTOCOL_ERROR
+
+    @property
+    def refusal(self) -> bool:
+        """Counted as a refusal by --status (an abort is the client's choice, a dry run none)."""
+        return self.log in REFUSAL_LOG_OUTCOMES
+
+
+#: The outcomes the delivery log records, one word each (--status, --metrics).
+DELIVERY_OUTCOMES = frozenset(o.log for o in (
+    Outcome.STORED, Outcome.WOULD_STORE, Outcome.EXISTS, Outcome.TOO_LARGE,
+    Outcome.INSUFFICIENT_STORAGE, Outcome.ABORTED, Outcome.UNFINISHED, Outcome.AUTH_FAILED))
+#: Log outcomes that --status counts as refusals.
+REFUSAL_LOG_OUTCOMES = frozenset({"exists", "refused", "temporary", "error", "auth_failed"})
+
+#: The per-file outcome of each reply code a client can receive in a receipt.
+_FILE_OUTCOMES: dict[int, Outcome] = {}
+for _o in (Outcome.STORED, Outcome.EXISTS, Outcome.TOO_LARGE, Outcome.NAME_NOT_ALLOWED,
+           Outcome.INSUFFICIENT_STORAGE, Outcome.LOCAL_ERROR, Outcome.ABORTED, Outcome.BUSY):
+    assert _o.code is not None
+    _FILE_OUTCOMES[_o.code] = _o
+del _o
+
+
+def file_outcome(code: int, *, dry_run: bool = False) -> Outcome:
+    """The outcome of a per-file reply code as the client sees it; an unknown code
+    counts as temporary (4xx) or refused (5xx)."""
+    if code == Reply.STORED and dry_run:
+        return Outcome.WOULD_STORE
+    known = _FILE_OUTCOMES.get(code)
+    if known is not None:
+        return known
+    return Outcome.LOCAL_ERROR if 400 <= code < 500 else Outcome.NAME_NOT_ALLOWED
+
+
 def outcome_of(code: int, *, dry_run: bool = False) -> str:
-    """The word for a per-file reply code, shared by the log, --status and --json:
-    stored, would_store, exists, refused (for good), temporary (4xx) or error (426:
-    the client itself gave the file up)."""
-    if code == Reply.STORED:
-        return "would_store" if dry_run else "stored"
-    if code == Reply.EXISTS:
-        return "exists"
-    if code == Reply.ABORTED:
-        return "error"
-    return "temporary" if 400 <= code < 500 else "refused"
+    """The --json status of a per-file reply code: stored, would_store, exists,
+    refused (for good), temporary (4xx) or error (426: the client gave the file up)."""
+    return file_outcome(code, dry_run=dry_run).status
 
 
 class RstashError(Exception):
@@ -146,7 +275,6 @@ class KeyFileError(RstashError):
     """A key file is missing, unsafe or malformed."""
 
     exit_status = Exit.LOCAL
-
 
 
 class ProtocolError(RstashError):
@@ -206,4 +334,45 @@ class StoreError(RstashError):
     """Delivering a file into a box failed for a reason that has a reply code."""
 
     exit_status = Exit.LOCAL
+    reply = Reply.LOCAL_ERROR
+
+
+class Refused(StoreError):
+    """A per-file refusal that says what happened: the session goes on with the next file.
+
+    ``outcome`` gives the reply code and text (``Refused(Outcome.QUOTA)`` is
+    ``552 quota``); ``detail`` is for the log only.
+    """
+
+    def __init__(self, outcome: Outcome, detail: str = "") -> None:
+        super().__init__(f"{outcome.text}: {detail}" if detail else outcome.text,
+                         reply=outcome.code)
+        self.outcome = outcome
+        self.detail = detail
+
+    @property
+    def reason(self) -> str:
+        """The reply text (``exists``, ``quota``, …)."""
+        return self.outcome.text
+
+
+class ReplayRefused(RstashError):
+    """A pipe-mode nonce was seen before, or its time is not above the box's floor."""
+
+    reply = Reply.REPLAYED
+
+
+class ClockSkew(RstashError):
+    """A pipe-mode time outside replay_window. ``skew`` = client time - server time."""
+
+    reply = Reply.CLOCK_SKEW
+
+    def __init__(self, skew: int) -> None:
+        self.skew = skew
+        super().__init__(f"clock skew {skew:+d} s")
+
+
+class StateUnavailable(RstashError):
+    """The replay cache cannot answer: SQLite failed, or state_dir is unfit. Fails closed."""
+
     reply = Reply.LOCAL_ERROR

@@ -30,12 +30,11 @@ from fnmatch import fnmatchcase
 from typing import Any, TextIO
 
 from rstash import admin
-from rstash.admin import _age
 from rstash.config import Config, load_config
-from rstash.errors import ConfigError, Exit, RstashError
+from rstash.errors import DELIVERY_OUTCOMES, ConfigError, Exit, RstashError
 from rstash.names import is_box_name
-from rstash.state import OUTCOMES, StateDB
-from rstash.units import human_size, parse_duration, parse_size
+from rstash.state import StateDB
+from rstash.units import human_age, human_size, parse_duration, parse_size
 
 __all__ = ["Expectation", "State", "check", "metrics", "parse_expect", "render_metrics"]
 
@@ -128,9 +127,9 @@ def _age_item(age: float | None, warn: float | None, crit: float | None, what: s
     if age is None:
         return _Item(State.CRITICAL if crit is not None else State.WARNING, f"no {what} stored")
     if crit is not None and age > crit:
-        return _Item(State.CRITICAL, f"{what} stored {_age(age)} ago (critical after {_age(crit)})")
+        return _Item(State.CRITICAL, f"{what} stored {human_age(age)} ago (critical after {human_age(crit)})")
     if warn is not None and age > warn:
-        return _Item(State.WARNING, f"{what} stored {_age(age)} ago (stale after {_age(warn)})")
+        return _Item(State.WARNING, f"{what} stored {human_age(age)} ago (stale after {human_age(warn)})")
     return _Item(State.OK, None)
 
 
@@ -290,7 +289,7 @@ def _summary(items: list[tuple[str, _Item]], boxes: int, limit: float | None, ru
                       key=lambda p: -_SEVERITY[p[1].state])
     if problems:
         return "; ".join(f"{w}: {i.problem}" for w, i in problems)
-    parts = [f"{boxes} box{'es' * (boxes != 1)} stored a file in the last {_age(limit)}"] \
+    parts = [f"{boxes} box{'es' * (boxes != 1)} stored a file in the last {human_age(limit)}"] \
         if limit is not None else []
     if rules:
         parts.append(f"{rules} expectation{'s' * (rules != 1)} met")
@@ -306,7 +305,7 @@ def _print_expectations(expectations: list[dict[str, Any]], now: float, out: Tex
             s = e[what]
             if s is not None and (what == "newest" or s != e["newest"]):
                 line += (f"  {what.replace('_', ' ')} {_plain(s['name'] or '')} "
-                         f"{human_size(int(s['bytes']))} {_age(now - s['timestamp'])} ago")
+                         f"{human_size(int(s['bytes']))} {human_age(now - s['timestamp'])} ago")
         out.write(line + (f"  ({_plain(e['problem'])})" if e["problem"] else "") + "\n")
 
 
@@ -352,7 +351,7 @@ def render_metrics(cfg: Config, data: dict[str, Any] | None, counts: list[tuple[
         if box.quota is not None:
             samples["rstash_box_quota_bytes"].append(((name,), box.quota))
         # Every known outcome, zero included, so that a rule can compare with 0.
-        per = dict.fromkeys(sorted(OUTCOMES), 0) | {o: n for b, o, n in counts if b == name}
+        per = dict.fromkeys(sorted(DELIVERY_OUTCOMES), 0) | {o: n for b, o, n in counts if b == name}
         for outcome, n in sorted(per.items()):
             samples["rstash_box_deliveries"].append(((name, outcome), n))
     keys: dict[tuple[str, str], float] = {}

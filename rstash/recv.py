@@ -67,8 +67,6 @@ def _isolate() -> None:
         os.execve(sys.executable, argv, env)  # noqa: S606 - our own interpreter, no shell
 
 
-DEFAULT_CONFIG = "/etc/rstash/rstash-recv.toml"
-
 USAGE = """\
 rstash-recv [-c FILE] [--box NAME]... [--debug]
 rstash-recv [-c FILE] --listen [HOST:]PORT ...
@@ -85,6 +83,8 @@ rstash-recv -V | --version"""
 
 def _parser() -> argparse.ArgumentParser:
     import argparse
+
+    from .settings import DEFAULT_CONFIG
 
     p = argparse.ArgumentParser(
         prog="rstash-recv", usage=USAGE,
@@ -206,34 +206,16 @@ def _serving(args: argparse.Namespace) -> bool:
 
 
 def _gen_key(target: str, comment: str) -> int:
-    from .auth import Key, format_key, generate_key
     from .errors import Exit
+    from .keys import write_key_file
 
-    if "\n" in comment or "\r" in comment:
-        _err("--comment must be one line")
-        return Exit.LOCAL
-    secret = generate_key()
-    text = format_key(secret, comment).encode("ascii")
-    desc = Key(secret, comment).describe()
+    text, desc = write_key_file(target, comment)
     if target == "-":
         sys.stdout.buffer.write(text)
         sys.stdout.flush()
         sys.stderr.write(desc + "\n")
-        return Exit.OK
-    try:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    except FileExistsError:
-        _err(f"{target}: already exists: not overwritten")
-        return Exit.LOCAL
-    except OSError as e:
-        _err(f"{target}: {e.strerror}")
-        return Exit.LOCAL
-    try:
-        os.write(fd, text)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    print(desc)
+    else:
+        print(desc)
     return Exit.OK
 
 
@@ -244,7 +226,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .config import load_config
     from .errors import Exit
     from .log import Logger
-    from .transport import is_listening_socket
+    from .transport import is_listening_socket, is_socket
 
     if os.geteuid() == 0:
         _err("refusing to serve as root: run rstash-recv as its service user")
@@ -259,6 +241,13 @@ def _serve(args: argparse.Namespace) -> int:
     fds = _listen_fds()
     if not listen and not fds and is_listening_socket(0):
         fds = [0]  # inetd "wait", systemd-socket-activate without --accept
+    if not listen and len(fds) == 1 and is_socket(fds[0]) and not is_listening_socket(fds[0]):
+        # A connected socket in LISTEN_FDS (systemd-socket-activate -a, Accept=yes
+        # without StandardInput=socket): one session on it.
+        from .session import run_session
+        from .transport import peer_address
+
+        return run_session(cfg, log, fds[0], peer=peer_address(fds[0]), boxes=boxes)
     if listen or fds:
         from . import serve  # type: ignore[attr-defined,unused-ignore]
 
@@ -281,22 +270,14 @@ def _listen_fds() -> list[int]:
 
 def serve_stdio(cfg: Config, log: Logger, boxes: frozenset[str] | None) -> int:
     """One session on fd 0 (reads) and fd 1 (writes): inetd nowait, ssh, Accept=yes."""
-    from .errors import Exit
-    from .session import ServerSession
-    from .transport import FdStream, is_socket, peer_address, widen_pipe
+    from .session import run_session
+    from .transport import is_socket, peer_address, widen_pipe
 
-    peer = peer_address(0)
-    try:
-        # A socket on fd 0 is the whole connection (inetd, systemd Accept=yes);
-        # fd 1 may be a log file then. Pipes (ssh) read fd 0 and write fd 1.
-        if not is_socket(0):
-            widen_pipe(0)  # ssh: sshd writes the stream into this pipe
-        stream = FdStream(0, 0 if is_socket(0) else 1)
-        result = ServerSession(cfg, stream, log, peer=peer, allowed_boxes=boxes).run()
-    except Exception as e:
-        log.error(event="session", outcome="error", peer=peer, detail=f"{type(e).__name__}: {e}")
-        return Exit.LOCAL
-    return result.status
+    # A socket on fd 0 is the whole connection (inetd, systemd Accept=yes);
+    # fd 1 may be a log file then. Pipes (ssh) read fd 0 and write fd 1.
+    if not is_socket(0):
+        widen_pipe(0)  # ssh: sshd writes the stream into this pipe
+    return run_session(cfg, log, 0, 0 if is_socket(0) else 1, peer=peer_address(0), boxes=boxes)
 
 
 if __name__ == "__main__":

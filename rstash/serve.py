@@ -3,13 +3,13 @@
 Used by ``rstash-recv --listen [HOST:]PORT``, by inetd ``wait`` (a listening
 socket on fd 0) and by systemd ``Accept=no`` (``LISTEN_FDS``). The parent
 process only accepts, counts, refuses and reaps; every session runs in a forked
-child, which makes its own challenge and SQLite connection (rstash(7) and the
-brief, section 5). The parent never interprets a byte from a client: the only
-thing it ever writes to a connection is ``421 busy``.
+child, which makes its own challenge and SQLite connection. The parent never
+interprets a byte from a client: the only thing it ever writes to a
+connection is ``421 busy``.
 
 Theory of operation
 -------------------
-* **Limits** (brief section 5): at most ``max_sessions`` children; at most
+* **Limits** (rstash-recv(8)): at most ``max_sessions`` children; at most
   ``max(1, max_sessions // 4)`` of them before authentication; at most
   ``max_preauth_per_peer`` unauthenticated ones per source address. A
   connection beyond any limit is accepted, told ``421 busy`` and closed; no
@@ -34,19 +34,12 @@ Theory of operation
 * **accept() failing** for lack of resources (EMFILE, ENFILE, ENOBUFS, ENOMEM,
   ECONNABORTED): wait 100 ms before accepting again; logged at most once a
   minute, so that a flood cannot flood the log.
-* **--listen addresses**: ``PORT`` alone binds every address, ``0.0.0.0`` and
-  ``[::]`` (each family its own socket); ``HOST:PORT`` and ``[V6]:PORT`` bind
-  what HOST resolves to. Every IPv6 socket is ``IPV6_V6ONLY``, whatever the
-  sysctl says, so ``--listen 0.0.0.0:P --listen [::]:P`` works and ``[::]:P``
-  means IPv6 only.
-
 This module must never write anything but ``421 busy`` to a connection from the
 parent, and never run a session in the parent process.
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import select
 import signal
@@ -59,16 +52,17 @@ from typing import Any
 
 from . import wire
 from .config import Config, load_config
-from .errors import ConfigError, Exit, Reply, RstashError
+from .errors import ConfigError, Exit, Outcome
+from .listen import ListenError, adopt_fd, bind_listen, monotonic_usec, sd_notify, sock_name
 from .log import Logger
-from .session import ServerSession
-from .transport import FdStream, is_listening_socket, is_socket, normalise_address
+from .session import run_session
+from .transport import peer_address
 
-__all__ = ["Server", "parse_listen", "run", "sd_notify"]
+__all__ = ["Server", "run"]
 
 #: poll() never sleeps longer than this, so a lost wake-up costs at most this long.
 POLL_INTERVAL = 1.0
-#: Pause after an accept() failure for lack of resources (brief section 5).
+#: Pause after an accept() failure for lack of resources (rstash-recv(8)).
 ACCEPT_BACKOFF = 0.1
 #: accept() errors are logged at most this often.
 ACCEPT_LOG_INTERVAL = 60.0
@@ -78,163 +72,6 @@ KILL_AFTER = 5.0
 ACCEPT_BATCH = 32
 #: The one byte a child writes to its pipe after ``235``.
 _AUTHENTICATED = b"A"
-
-
-class ListenError(RstashError):
-    """A ``--listen`` address is malformed or cannot be bound, or an inherited fd is unusable."""
-
-    exit_status = Exit.LOCAL
-
-
-# --------------------------------------------------------------------------- sd_notify
-
-
-def sd_notify(message: str) -> bool:
-    """Send ``message`` to systemd's ``NOTIFY_SOCKET`` (sd_notify(3)); False when not possible.
-
-    A path or an abstract name (leading ``@``); anything else is ignored. Never raises.
-    """
-    addr = os.environ.get("NOTIFY_SOCKET", "")
-    if not addr or addr[0] not in "/@":
-        return False
-    target = "\0" + addr[1:] if addr[0] == "@" else addr
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-            s.connect(target)
-            s.sendall(message.encode("utf-8"))
-    except OSError:
-        return False
-    return True
-
-
-def _monotonic_usec() -> int:
-    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-
-
-# --------------------------------------------------------------------------- listening sockets
-
-
-def parse_listen(spec: str) -> tuple[str | None, str]:
-    """``[HOST:]PORT`` -> (host or None for every address, port); raises ListenError.
-
-    IPv6 addresses must be bracketed: ``[::1]:7370``.
-    """
-    text = spec.strip()
-    host: str | None
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0 or text[end + 1:end + 2] != ":":
-            raise ListenError(f"--listen {spec}: write an IPv6 address as [ADDRESS]:PORT")
-        host, port = text[1:end], text[end + 2:]
-        if not host:
-            raise ListenError(f"--listen {spec}: empty address")
-    elif ":" in text:
-        host, _, port = text.rpartition(":")
-        if ":" in host:
-            raise ListenError(f"--listen {spec}: write an IPv6 address as [ADDRESS]:PORT")
-        if not host:
-            raise ListenError(f"--listen {spec}: empty address")
-    else:
-        host, port = None, text
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ListenError(f"--listen {spec}: {port!r} is not a port number (0-65535)")
-    return host, port
-
-
-def _format_address(sockaddr: Any, family: int) -> str:
-    if family == socket.AF_INET6:
-        return f"[{sockaddr[0]}]:{sockaddr[1]}"
-    if family == socket.AF_INET:
-        return f"{sockaddr[0]}:{sockaddr[1]}"
-    return str(sockaddr) or "unix"
-
-
-def bind_listen(spec: str) -> list[socket.socket]:
-    """Listening sockets for one ``--listen`` value (non-blocking, close-on-exec)."""
-    host, port = parse_listen(spec)
-    try:
-        infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM,
-                                   socket.IPPROTO_TCP, socket.AI_PASSIVE)
-    except socket.gaierror as e:
-        raise ListenError(f"--listen {spec}: {e.strerror}") from None
-    socks: list[socket.socket] = []
-    seen: set[tuple[int, Any]] = set()
-    try:
-        for family, stype, proto, _canon, sockaddr in infos:
-            if family not in (socket.AF_INET, socket.AF_INET6) or (family, sockaddr) in seen:
-                continue
-            seen.add((family, sockaddr))
-            try:
-                s = socket.socket(family, stype, proto)
-            except OSError as e:
-                # PORT alone: a host without IPv6 still serves IPv4.
-                if host is None and family == socket.AF_INET6:
-                    continue
-                raise ListenError(f"--listen {spec}: {e.strerror}") from None
-            try:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                s.bind(sockaddr)
-                s.listen(socket.SOMAXCONN)
-                s.setblocking(False)
-            except OSError as e:
-                s.close()
-                if host is None and family == socket.AF_INET6 and e.errno in (
-                        errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
-                    continue
-                raise ListenError(f"--listen {spec}: {_format_address(sockaddr, family)}: "
-                                  f"{e.strerror}") from None
-            socks.append(s)
-    except BaseException:
-        for s in socks:
-            s.close()
-        raise
-    if not socks:
-        raise ListenError(f"--listen {spec}: no address to listen on")
-    return socks
-
-
-def adopt_fd(fd: int) -> socket.socket:
-    """An inherited listening socket (inetd ``wait``, systemd ``Accept=no``) as a socket object.
-
-    fds 0-2 are moved to a fresh close-on-exec fd and replaced by /dev/null: a
-    child (or a hook) must never hold the listening socket, or the port would
-    keep queueing connections after we stopped accepting.
-    """
-    if not is_listening_socket(fd):
-        raise ListenError(f"fd {fd} is not a listening socket")
-    if fd <= 2:
-        new = os.dup(fd)  # non-inheritable
-        null = os.open(os.devnull, os.O_RDWR)
-        for low in (0, 1, 2):
-            if _same_file(low, new):
-                os.dup2(null, low)
-        os.close(null)
-        fd = new
-    else:
-        os.set_inheritable(fd, False)
-    s = socket.socket(fileno=fd)
-    s.setblocking(False)
-    return s
-
-
-def _same_file(a: int, b: int) -> bool:
-    try:
-        sa, sb = os.fstat(a), os.fstat(b)
-    except OSError:
-        return False
-    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
-
-
-def _sock_name(s: socket.socket) -> str:
-    try:
-        return _format_address(s.getsockname(), s.family)
-    except OSError:
-        return f"fd {s.fileno()}"
-
-
-# --------------------------------------------------------------------------- the session in a child
 
 
 @dataclass
@@ -309,7 +146,7 @@ class Server:
 
     def serve(self) -> int:
         self._install_signals()
-        addresses = " ".join(_sock_name(s) for s in self.listeners)
+        addresses = " ".join(sock_name(s) for s in self.listeners)
         self.log.info(event="serve", outcome="listening", detail=addresses,
                       reason=f"max_sessions={self.cfg.max_sessions}")
         sd_notify(f"READY=1\nSTATUS=listening on {addresses}\nMAINPID={os.getpid()}")
@@ -397,13 +234,8 @@ class Server:
                            reason=f"{self.stats.accept_errors} failures so far; pausing "
                                   f"{ACCEPT_BACKOFF:g} s after each, logged once a minute")
 
-    def _peer(self, conn: socket.socket, addr: Any) -> str | None:
-        if conn.family in (socket.AF_INET, socket.AF_INET6) and isinstance(addr, tuple):
-            return normalise_address(str(addr[0]))
-        return None
-
     def busy_reason(self, peer: str | None) -> str | None:
-        """Which limit of brief section 5 a new connection from ``peer`` would break, if any."""
+        """Which limit of rstash-recv(8) a new connection from ``peer`` would break, if any."""
         cfg = self.cfg
         if len(self.children) >= cfg.max_sessions:
             return "max_sessions"
@@ -415,7 +247,7 @@ class Server:
         return None
 
     def _handle(self, conn: socket.socket, addr: Any) -> None:
-        peer = self._peer(conn, addr)
+        peer = peer_address(conn.fileno())
         reason = self.busy_reason(peer)
         if reason is not None:
             self._refuse(conn, peer, reason)
@@ -428,11 +260,12 @@ class Server:
     def _refuse(self, conn: socket.socket, peer: str | None, reason: str) -> None:
         """``421 busy`` and close, without blocking: a fresh socket's send buffer has room."""
         self.stats.busy += 1
-        self.log.warning(event="session", peer=peer or "unknown", outcome="busy", code=Reply.BUSY,
-                         reason=reason)
+        busy = Outcome.BUSY
+        self.log.warning(event="session", peer=peer or "unknown", outcome=busy.log,
+                         code=busy.code, reason=reason)
         try:
             conn.setblocking(False)
-            conn.send(wire.session_line(Reply.BUSY))
+            conn.send(wire.line(busy.line))
             conn.shutdown(socket.SHUT_WR)
             # Unread bytes at close() turn the FIN into a RST, which may destroy the
             # 421 line before the client reads it: take what has already arrived.
@@ -489,15 +322,8 @@ class Server:
             except OSError:
                 pass
 
-        try:
-            stream = FdStream(conn.fileno())
-            result = ServerSession(cfg, stream, self.log, peer=peer, allowed_boxes=self.boxes,
-                                   on_authenticated=authenticated).run()
-        except Exception as e:  # the child's one top-level handler: logged, never on the wire
-            self.log.error(event="session", outcome="error", peer=peer,
-                           detail=f"{type(e).__name__}: {e}")
-            return Exit.LOCAL
-        return result.status
+        return run_session(cfg, self.log, conn.fileno(), peer=peer, boxes=self.boxes,
+                           on_authenticated=authenticated)
 
     # -- children --
 
@@ -535,7 +361,7 @@ class Server:
 
     def reload(self) -> bool:
         """Re-read and validate the configuration; keep the old one on any error."""
-        sd_notify(f"RELOADING=1\nMONOTONIC_USEC={_monotonic_usec()}")
+        sd_notify(f"RELOADING=1\nMONOTONIC_USEC={monotonic_usec()}")
         try:
             try:
                 new = load_config(self.config_path)
@@ -602,36 +428,9 @@ def _ignore(_signum: int, _frame: FrameType | None) -> None:
     pass
 
 
-def serve_connected(cfg: Config, log: Logger, fd: int, boxes: frozenset[str] | None) -> int:
-    """One session on a *connected* socket passed in ``LISTEN_FDS`` (``systemd-socket-activate -a``,
-    systemd ``Accept=yes`` without ``StandardInput=socket``)."""
-    peer: str | None = None
-    try:
-        s = socket.socket(fileno=os.dup(fd))
-        try:
-            if s.family in (socket.AF_INET, socket.AF_INET6):
-                peer = normalise_address(str(s.getpeername()[0]))
-        finally:
-            s.close()
-    except OSError:
-        peer = None
-    try:
-        result = ServerSession(cfg, FdStream(fd), log, peer=peer, allowed_boxes=boxes).run()
-    except Exception as e:  # the one top-level handler: logged, never on the wire
-        log.error(event="session", outcome="error", peer=peer, detail=f"{type(e).__name__}: {e}")
-        return Exit.LOCAL
-    return result.status
-
-
 def run(config_path: str, cfg: Config, log: Logger, *, listen: Sequence[str] = (),
         fds: Sequence[int] = (), boxes: frozenset[str] | None = None, debug: bool = False) -> int:
-    """The accept loop on ``--listen`` addresses and inherited listening fds; returns the exit status.
-
-    A single inherited fd that is a *connected* socket (systemd's LISTEN_FDS with
-    ``Accept=yes``) is served as one session instead.
-    """
-    if not listen and len(fds) == 1 and is_socket(fds[0]) and not is_listening_socket(fds[0]):
-        return serve_connected(cfg, log, fds[0], boxes)
+    """The accept loop on ``--listen`` addresses and inherited listening fds; returns the exit status."""
     server = Server(config_path, cfg, log, boxes=boxes, debug=debug)
     try:
         server.add_listeners(listen, fds)

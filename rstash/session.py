@@ -1,8 +1,9 @@
 """One server session: greeting, proof, files, receipts, bye.
 
-The driver between the transport (bytes with deadlines), the protocol (events)
-and the store (files). It decides every reply and writes nothing to the
-connection but reply lines. Exit status of a session (rstash-recv(8)): 0 when
+The driver between the transport (bytes with deadlines), the protocol (events),
+the HELLO judge (rstash.hello) and the store (files). It turns every outcome
+into its reply line and log line through the outcome table, and writes
+nothing to the connection but reply lines. Exit status of a session (rstash-recv(8)): 0 when
 it ended the way the protocol defines (stored, refused, authentication
 failed, busy), 1 when the peer broke the protocol (garbage, truncation,
 timeout), 2 for our own failure.
@@ -10,7 +11,6 @@ timeout), 2 for our own failure.
 
 from __future__ import annotations
 
-import ipaddress
 import secrets
 import time
 from collections.abc import Callable
@@ -19,27 +19,25 @@ from typing import Any
 
 from . import auth, wire
 from .config import BoxConfig, Config
+from .delivery import DeliveryLog
 from .errors import (
     Exit,
-    KeyFileError,
+    Outcome,
     PeerTimeout,
+    Refused,
     RemoteProtocolError,
     Reply,
     RstashError,
     TransportError,
-    outcome_of,
 )
+from .hello import HelloJudge, Verdict
+from .keys import load_box_keys
 from .log import Logger
 from .names import check_name
 from .transport import FdStream
 
 #: Files whose 250 lines may wait for one shared directory fsync.
 MAX_BATCH = 64
-
-#: A random key per process: an unknown box or key id still runs the full
-#: proof check, so that timing and replies cannot tell "no such box" from
-#: "wrong key" (rstash(7) RULES, rule 1).
-_DUMMY_KEY = auth.Key(secrets.token_bytes(auth.KEY_LEN), "dummy")
 
 
 @dataclass
@@ -58,18 +56,6 @@ class _FileState:
     upload: Any = None  # store.Upload while receiving
     replied: bool = False
     started: float = field(default_factory=time.monotonic)
-
-
-def peer_allowed(peer: str | None, networks: tuple[Any, ...]) -> bool:
-    if not networks:
-        return True
-    if peer is None:
-        return False  # unknown address + allow_from = refused
-    try:
-        ip = ipaddress.ip_address(peer)
-    except ValueError:
-        return False
-    return any(ip.version == net.version and ip in net for net in networks)
 
 
 class ServerSession:
@@ -93,8 +79,10 @@ class ServerSession:
         self.mode = "interactive"
         #: called once the 235 line is out (the accept loop counts pre-auth sessions)
         self.on_authenticated = on_authenticated
-        #: the delivery log: None until first used, False when state_dir is unfit
-        self._db: Any = None
+        self.deliveries = DeliveryLog(cfg.state_dir, log, peer=peer)
+        #: the file being received (FILE seen, END or ABORT not yet)
+        self._cur: _FileState | None = None
+        self.judge = HelloJudge(cfg, {}, allowed_boxes=allowed_boxes)
         #: verified files (END checked) whose commit, directory fsync and reply are pending
         self._ended: list[tuple[_FileState, Any, wire.End]] = []
 
@@ -126,27 +114,24 @@ class ServerSession:
             self._run()
         except wire.IntegrityError as e:
             self._abort_current()
-            self._log_session("integrity", Reply.INTEGRITY, detail=e.message,
+            self._log_session(Outcome.INTEGRITY, detail=e.message,
                               sha256=e.sha256.hex() if e.sha256 else None)
             self._try_send(wire.integrity_line(e.name))
             self.result.status = Exit.REFUSED
         except RemoteProtocolError as e:
             self._abort_current()
-            code = e.reply or Reply.PROTOCOL_ERROR
-            if self.keys is None and code not in (Reply.VERSION_NOT_SUPPORTED,
-                                                  Reply.METHOD_NOT_SUPPORTED):
-                code = Reply.AUTH_FAILED
-            self._log_session("protocol_error", code, detail=e.message)
-            self._try_send(wire.session_line(code))
+            outcome = Outcome.of_protocol_error(e.reply, authenticated=self.keys is not None)
+            self._log_session(outcome, detail=e.message)
+            self._try_send(wire.line(outcome.line))
             self.result.status = Exit.REFUSED
         except PeerTimeout as e:
             self._abort_current()
-            self._log_session("timeout", Reply.BUSY, detail=e.message)
-            self._try_send(wire.line("421 timeout"))
+            self._log_session(Outcome.TIMEOUT, detail=e.message)
+            self._try_send(wire.line(Outcome.TIMEOUT.line))
             self.result.status = Exit.REFUSED
         except TransportError as e:
             self._abort_current()
-            self._log_session("truncated", None, detail=e.message)
+            self._log_session(Outcome.TRUNCATED, detail=e.message)
             self.result.status = Exit.REFUSED
         finally:
             self._close()
@@ -159,13 +144,13 @@ class ServerSession:
             pass
 
     def _run(self) -> None:
-        self._load_keys()
+        self.judge.box_keys = load_box_keys(self.cfg, self.log)
         challenge = secrets.token_bytes(32)
         greeting = wire.greeting_line(challenge)
         self.send(wire.line(greeting))
         event = self._next()
         if isinstance(event, wire.ConnectionClosed):
-            self._log_session("truncated", None, detail="closed before HELLO")
+            self._log_session(Outcome.TRUNCATED, detail="closed before HELLO")
             self.result.status = Exit.REFUSED
             return
         assert isinstance(event, wire.Hello)
@@ -176,124 +161,46 @@ class ServerSession:
     def _judge_hello(self, hello: wire.Hello, greeting: bytes) -> bool:
         pipe = hello.mode == wire.MODE_PIPE
         self.mode = "pipe" if pipe else "interactive"
-        box, candidates, why = self._find_key(hello)
-        # The proof is always computed, with the dummy key when no key id matched,
-        # and with every key whose id matches (ids are 8 bytes: they may collide).
-        key: auth.Key | None = None
-        keys: auth.SessionKeys | None = None
-        for cand in candidates or [_DUMMY_KEY]:
-            derived = auth.session_keys(cand, b"" if pipe else greeting, hello.signed)
-            if auth.verify(derived.proof, hello.proof) and cand is not _DUMMY_KEY:
-                key, keys = cand, derived
-                break
-        if why is None:
-            if key is None:
-                why = "bad proof" if candidates else "unknown key id"
-            elif self.cfg.server_id and hello.server_id != self.cfg.server_id:
-                why = "server_id mismatch"
-            elif not self.cfg.server_id and hello.server_id is not None:
-                why = "client sent a server_id; none is configured"
-        if why is not None or key is None or keys is None or box is None:
-            self.log.warning(event="auth", outcome="auth_failed", code=Reply.AUTH_FAILED,
-                             peer=self.peer or "unknown", box=hello.box, mode=self.mode,
-                             reason=why)
+        verdict = self.judge.judge(hello, greeting, self.peer)
+        if verdict.outcome is not None or verdict.keys is None or verdict.box is None:
+            self.log.warning(event="auth", outcome=Outcome.AUTH_FAILED.log,
+                             code=Outcome.AUTH_FAILED.code, peer=self.peer or "unknown",
+                             box=hello.box, mode=self.mode, reason=verdict.reason)
             # Authentication failures go to the log (fail2ban reads it), never to the
             # delivery database: a peer without a key must not be able to grow it.
-            self.send(wire.session_line(Reply.AUTH_FAILED))
-            self.result.outcome = "auth_failed"
+            self.send(wire.line(Outcome.AUTH_FAILED.line))
+            self.result.outcome = Outcome.AUTH_FAILED.log
             return False
+        box, key, keys = verdict.box, verdict.key, verdict.keys
         self.box, self.key, self.keys = box, key, keys
         self.result.box = box.name
         self.conn.authenticate(keys)
         if pipe:
-            refusal = self._judge_pipe(hello)
+            refusal = self.judge.judge_pipe(box, hello)
             if refusal is not None:
-                self.send(refusal)
+                self._refuse_pipe(refusal)
                 return False
         self.send(wire.auth_ok_line(keys))
         if self.on_authenticated is not None:
             self.on_authenticated()
         # An interactive session's time is not checked (its proof binds our challenge);
         # it is logged, so a client with a wrong clock can be found.
-        self.log.info(event="session", box=box.name, peer=self.peer, key=key.log_name(),
-                      mode=self.mode, outcome="authenticated", code=Reply.AUTH_OK,
-                      client_time=hello.time)
+        self.log.info(event="session", box=box.name, peer=self.peer,
+                      key=key.log_name() if key else None, mode=self.mode,
+                      outcome="authenticated", code=Reply.AUTH_OK, client_time=hello.time)
         return True
 
-    def _load_keys(self) -> None:
-        """Read every configured key before the greeting.
-
-        Judging a HELLO is then the same in-memory work whatever box it names, so
-        timing cannot tell an unknown box from a wrong key (rstash(7) RULES, rule 1).
-        """
-        self._box_keys: dict[str, list[auth.Key]] = {}
-        for name, box in self.cfg.boxes.items():
-            loaded = []
-            for path in box.keys:
-                try:
-                    loaded.append(auth.load_key_file(path))
-                except KeyFileError as e:
-                    self.log.error(event="key", box=name, outcome="error", detail=e.message)
-            self._box_keys[name] = loaded
-
-    def _find_key(self, hello: wire.Hello) -> tuple[BoxConfig | None, list[auth.Key], str | None]:
-        """The box, the keys whose id matches, and why the HELLO fails already (or None)."""
-        try:
-            name: str | None = hello.box.decode("utf-8")
-        except UnicodeDecodeError:
-            name = None
-        box = self.cfg.boxes.get(name) if name is not None else None
-        why: str | None = None
-        if name is None:
-            why = "box name not UTF-8"
-        elif box is None:
-            why = "unknown box"
-        elif self.allowed_boxes is not None and name not in self.allowed_boxes:
-            why = "box excluded by --box"
-        elif not peer_allowed(self.peer, box.allow_from):
-            why = "peer not in allow_from"
-        keys = self._box_keys.get(name or "", []) if box is not None else []
-        candidates = [k for k in keys or [_DUMMY_KEY] if auth.verify(k.key_id, hello.key_id)]
-        return box, [k for k in candidates if k is not _DUMMY_KEY], why
-
-    def _judge_pipe(self, hello: wire.Hello) -> bytes | None:
-        box = self.box
-        assert box is not None
-        if not box.pipe_mode:
-            self.log.warning(event="session", box=box.name, peer=self.peer, mode="pipe",
-                             outcome="refused", code=Reply.PIPE_MODE_OFF, reason="pipe mode off")
-            self.result.outcome = "refused"
-            return wire.session_line(Reply.PIPE_MODE_OFF)
-        from . import state
-
-        skew = hello.time - int(time.time())
-        try:
-            problem = state.check_state_dir(self.cfg.state_dir)
-            if problem is not None:
-                raise state.StateUnavailable(problem)
-            with state.StateDB(self.cfg.state_dir) as db:
-                db.check_replay(box.name, hello.nonce, hello.time, self.cfg.replay_window)
-        except state.ClockSkew as e:
-            skew = getattr(e, "skew", skew)
-            self.log.warning(event="session", box=box.name, peer=self.peer, mode="pipe",
-                             outcome="refused", code=Reply.CLOCK_SKEW, reason=f"clock skew {skew:+d} s")
-            self.result.outcome = "refused"
-            return wire.skew_line(skew)
-        except state.ReplayRefused as e:
-            # detail tells "nonce already seen" from "not above the box's floor" (a stream
-            # made before the replay cache existed): the reply line must not, the admin must.
-            self.log.warning(event="session", box=box.name, peer=self.peer, mode="pipe",
-                             outcome="refused", code=Reply.REPLAYED, reason="replayed session",
-                             detail=e.message)
-            self.result.outcome = "refused"
-            return wire.session_line(Reply.REPLAYED)
-        except RstashError as e:
-            # The replay cache fails closed.
-            self.log.error(event="session", box=box.name, peer=self.peer, mode="pipe",
-                           outcome="error", code=Reply.LOCAL_ERROR, detail=e.message)
-            self.result.outcome = "error"
-            return wire.session_line(Reply.LOCAL_ERROR)
-        return None
+    def _refuse_pipe(self, verdict: Verdict) -> None:
+        outcome = verdict.outcome
+        assert outcome is not None and self.box is not None
+        emit = self.log.error if outcome is Outcome.SESSION_ERROR else self.log.warning
+        emit(event="session", box=self.box.name, peer=self.peer, mode="pipe",
+             outcome=outcome.log, code=outcome.code, reason=verdict.reason, detail=verdict.detail)
+        self.result.outcome = outcome.log
+        if outcome is Outcome.CLOCK_SKEW and verdict.skew is not None:
+            self.send(wire.skew_line(verdict.skew))
+        else:
+            self.send(wire.line(outcome.line))
 
     def _serve_files(self) -> None:
         from .hooks import HookRunner
@@ -302,20 +209,13 @@ class ServerSession:
         box = self.box
         assert box is not None and self.keys is not None
         try:
-            self.store = BoxStore(box.path, overwrite=box.overwrite, file_mode=box.file_mode,
-                                  max_file_size=box.max_file_size, quota=box.quota,
-                                  min_free=box.min_free, allow_names=box.allow_names,
-                                  deny_names=box.deny_names)
-        except RstashError as e:
-            self.log.error(event="session", box=box.name, outcome="error", code=Reply.LOCAL_ERROR,
-                           detail=e.message)
-            self.send(wire.session_line(Reply.LOCAL_ERROR))
-            self.result.status = Exit.LOCAL
-            return
-        except OSError as e:
-            self.log.error(event="session", box=box.name, outcome="error", code=Reply.LOCAL_ERROR,
-                           detail=f"{box.path}: {e.strerror}")
-            self.send(wire.session_line(Reply.LOCAL_ERROR))
+            self.store = BoxStore(box.path, box)
+        except (RstashError, OSError) as e:
+            detail = e.message if isinstance(e, RstashError) else f"{box.path}: {e.strerror}"
+            failed = Outcome.SESSION_ERROR
+            self.log.error(event="session", box=box.name, outcome=failed.log, code=failed.code,
+                           detail=detail)
+            self.send(wire.line(failed.line))
             self.result.status = Exit.LOCAL
             return
         try:
@@ -323,8 +223,6 @@ class ServerSession:
         except (OSError, RstashError):
             pass
         self.hooks = HookRunner(self.cfg.hook_timeout, self.log)
-        cur: _FileState | None = None
-        self._cur = cur
         while True:
             event = self._next()
             if isinstance(event, wire.File):
@@ -338,65 +236,62 @@ class ServerSession:
             elif isinstance(event, wire.Bye):
                 self._flush_ended()
                 self.send(wire.bye_line(self.keys, event.count, self.result.stored))
-                self.result.outcome = "complete"
-                self._log_session("complete", Reply.BYE)
+                self._log_session(Outcome.COMPLETE)
             elif isinstance(event, wire.ConnectionClosed):
                 self._flush_ended()
                 if event.clean:
                     return
                 self._abort_current()
-                self._log_session("truncated", None)
+                self._log_session(Outcome.TRUNCATED)
                 self.result.status = Exit.REFUSED
                 return
 
     # -- files --
 
-    def _reply(self, st: _FileState, code: int, reason: str | None = None, **kw: Any) -> None:
+    def _reply(self, st: _FileState, outcome: Outcome, **kw: Any) -> None:
         # Replies go out in FILE order: earlier files' 250 lines first.
         self._flush_ended()
-        self._send_receipt(st, code, reason, **kw)
+        self._send_receipt(st, outcome, **kw)
 
-    def _send_receipt(self, st: _FileState, code: int, reason: str | None = None, **kw: Any) -> None:
-        assert self.keys is not None
+    def _send_receipt(self, st: _FileState, outcome: Outcome, **kw: Any) -> None:
+        assert self.keys is not None and outcome.code is not None
         st.replied = True
-        self.send(wire.receipt_line(self.keys, st.header.index, code, st.header.name,
-                                        reason=reason, **kw))
+        self.send(wire.receipt_line(self.keys, st.header.index, outcome.code, st.header.name,
+                                        reason=outcome.text, **kw))
 
-    def _refuse(self, st: _FileState, code: int, reason: str, detail: str = "") -> None:
+    def _refuse(self, st: _FileState, refused: Refused) -> None:
         if not st.header.dry_run:
             self.conn.discard_current()
-        self._log_file(st, outcome_of(code), code, reason=reason, detail=detail or None)
-        self._reply(st, code, reason)
+        self._log_file(st, refused.outcome, reason=refused.reason, detail=refused.detail or None)
+        self._reply(st, refused.outcome)
 
     def _on_file(self, hdr: wire.FileHeader) -> _FileState:
-        from .store import Refused
-
         box = self.box
         assert box is not None
         self.result.files += 1
         st = _FileState(hdr, hdr.name.decode("utf-8", "replace"))
         problem = check_name(hdr.name, box.allow_names, box.deny_names)
         if problem is not None:
-            self._refuse(st, Reply.NAME_NOT_ALLOWED, "name not allowed", problem)
+            self._refuse(st, Refused(Outcome.NAME_NOT_ALLOWED, problem))
             return st
         try:
             upload = self.store.begin(st.name, hdr.size)
         except Refused as e:
-            self._refuse(st, int(e.reply or Reply.LOCAL_ERROR), e.reason, e.detail)
+            self._refuse(st, e)
             return st
         except OSError as e:
-            self._refuse(st, Reply.LOCAL_ERROR, "local error", e.strerror or str(e))
+            self._refuse(st, Refused(Outcome.LOCAL_ERROR, e.strerror or str(e)))
             return st
         if hdr.dry_run:
             upload.abort()
-            self._log_file(st, "would_store", Reply.STORED)
-            self._reply(st, Reply.STORED, dry_run=True)
+            self._log_file(st, Outcome.WOULD_STORE)
+            self._reply(st, Outcome.WOULD_STORE, dry_run=True)
             return st
         st.upload = upload
         return st
 
     def _on_data(self, data: bytes | memoryview) -> None:
-        from .store import Refused, SizeMismatch
+        from .store import SizeMismatch
 
         st = self._cur
         if st is None or st.upload is None:
@@ -408,7 +303,7 @@ class ServerSession:
         except Refused as e:
             st.upload.abort()
             st.upload = None
-            self._refuse(st, int(e.reply or Reply.LOCAL_ERROR), e.reason, e.detail)
+            self._refuse(st, e)
 
     def _on_end(self, end: wire.End) -> None:
         st = self._cur
@@ -427,51 +322,34 @@ class ServerSession:
     def _flush_ended(self) -> None:
         """Commit the verified files, fsync the box directory, then send their replies in order."""
         from .hooks import Delivery
-        from .store import Refused
 
         batch, self._ended = self._ended, []
         if not batch:
             return
-        done: list[tuple[_FileState, wire.End, str | None, Refused | None]] = []
-        for st, upload, end in batch:
-            try:
-                done.append((st, end, upload.commit(sync_dir=False), None))
-            except Refused as e:
-                upload.abort()
-                done.append((st, end, None, e))
-            except OSError as e:
-                upload.abort()
-                done.append((st, end, None, Refused(Reply.LOCAL_ERROR, "local error", e.strerror or str(e))))
-        if any(final is not None for _st, _end, final, _e in done):
-            try:
-                self.store.sync_dir()
-            except Refused as e:
-                done = [(st, end, None, e if final is not None else err) for st, end, final, err in done]
+        finals = self.store.commit_batch([upload for _st, upload, _end in batch])
         box = self.box
         assert box is not None
         # Every file of the batch is logged (and its hook queued) even when the client
         # is gone before all its lines are out: the files are stored either way.
         lost: RstashError | None = None
 
-        def say(st: _FileState, code: int, reason: str | None = None, **kw: Any) -> None:
+        def say(st: _FileState, outcome: Outcome, **kw: Any) -> None:
             nonlocal lost
             if lost is None:
                 try:
-                    self._send_receipt(st, code, reason, **kw)
+                    self._send_receipt(st, outcome, **kw)
                 except RstashError as e:
                     lost = e
 
-        for st, end, final, err in done:
-            if err is not None or final is None:
-                assert err is not None
-                code = int(err.reply or Reply.LOCAL_ERROR)
-                self._log_file(st, outcome_of(code), code, reason=err.reason, detail=err.detail or None)
-                say(st, code, err.reason)
+        for (st, _upload, end), final in zip(batch, finals, strict=True):
+            if isinstance(final, Refused):
+                self._log_file(st, final.outcome, reason=final.reason, detail=final.detail or None)
+                say(st, final.outcome)
                 continue
             self.result.stored += 1
             digest = end.sha256.hex()
-            say(st, Reply.STORED, final_name=final.encode("utf-8"), n=end.n, sha256=end.sha256)
-            self._log_file(st, "stored", Reply.STORED, bytes_=end.n, sha256=digest, final=final)
+            say(st, Outcome.STORED, final_name=final.encode("utf-8"), n=end.n, sha256=end.sha256)
+            self._log_file(st, Outcome.STORED, bytes_=end.n, sha256=digest, final=final)
             if box.on_receive:
                 self.hooks.submit(box.on_receive, Delivery(
                     box=box.name, name=final, requested_name=st.name,
@@ -489,8 +367,8 @@ class ServerSession:
             st.upload.abort()
             st.upload = None
         if not st.replied:
-            self._log_file(st, "aborted", Reply.ABORTED)
-            self._reply(st, Reply.ABORTED)
+            self._log_file(st, Outcome.ABORTED)
+            self._reply(st, Outcome.ABORTED)
 
     def _abort_current(self) -> None:
         # Verified files are stored: commit them, make their names durable, say so first.
@@ -498,18 +376,18 @@ class ServerSession:
             self._flush_ended()
         except (RstashError, OSError):
             pass
-        st = getattr(self, "_cur", None)
+        st = self._cur
         if st is not None and st.upload is not None:
             try:
                 st.upload.abort()
             except (OSError, RstashError):
                 pass
             st.upload = None
-            self._log_file(st, "error", None, detail="session ended before END")
+            self._log_file(st, Outcome.UNFINISHED, detail="session ended before END")
 
     # -- logging --
 
-    def _log_file(self, st: _FileState, outcome: str, code: int | None, *, bytes_: int = 0,
+    def _log_file(self, st: _FileState, outcome: Outcome, *, bytes_: int = 0,
                   sha256: str | None = None, final: str | None = None, reason: str | None = None,
                   detail: str | None = None) -> None:
         box = self.box
@@ -517,54 +395,52 @@ class ServerSession:
             "event": "file", "box": box.name if box else None, "name": st.header.name,
             "final": final if final != st.name else None, "bytes": bytes_, "sha256": sha256,
             "peer": self.peer, "key": self.key.log_name() if self.key else None,
-            "outcome": outcome, "code": code, "reason": reason, "detail": detail,
+            "outcome": outcome.log, "code": outcome.code, "reason": reason, "detail": detail,
             "dur": time.monotonic() - st.started,
         }
         if st.header.dry_run:
             fields["mode"] = "dry-run"
-        (self.log.info if outcome in ("stored", "would_store") else self.log.warning)(**fields)
-        self._record(box=box.name if box else "", name=st.name if final is None else final,
-                     outcome=outcome, code=code or 0, bytes_=bytes_, sha256=sha256)
+        good = outcome in (Outcome.STORED, Outcome.WOULD_STORE)
+        (self.log.info if good else self.log.warning)(**fields)
+        self.deliveries.record(box=box.name if box else "",
+                               name=st.name if final is None else final, outcome=outcome,
+                               key=self.key.log_name() if self.key else None, bytes_=bytes_,
+                               sha256=sha256)
 
-    def _record(self, *, box: str, name: str | None, outcome: str, code: int, bytes_: int = 0,
-                sha256: str | None = None) -> None:
-        # The delivery log fails open: a database problem is logged, never a reply.
-        try:
-            from . import state
-
-            db = self._db
-            if db is None:
-                # Judged once per session: a state_dir unfit for the replay cache
-                # keeps the delivery log off too.
-                if state.check_state_dir(self.cfg.state_dir) is not None:
-                    self._db = False
-                    return
-                db = self._db = state.StateDB(self.cfg.state_dir)
-            elif db is False:
-                return
-            db.log_event(box=box, name=name, outcome=outcome, code=code, bytes=bytes_,
-                         sha256=sha256, peer=self.peer,
-                         key=self.key.log_name() if self.key else None)
-        except Exception as e:
-            self.log.debug(event="state", outcome="error", detail=str(e))
-
-    def _log_session(self, outcome: str, code: int | None, **extra: Any) -> None:
-        self.result.outcome = outcome
+    def _log_session(self, outcome: Outcome, **extra: Any) -> None:
+        self.result.outcome = outcome.log
+        word = outcome.log
+        if outcome is Outcome.COMPLETE:
+            word = f"complete {self.result.files}"
+        elif outcome is Outcome.TRUNCATED:
+            word = f"truncated after {self.result.files}"
         fields: dict[str, Any] = {
             "event": "session", "box": self.box.name if self.box else None, "peer": self.peer,
             "key": self.key.log_name() if self.key else None, "mode": self.mode,
-            "outcome": outcome if outcome != "complete" else f"complete {self.result.files}",
-            "code": code, "dur": time.monotonic() - self.started,
+            "outcome": word, "code": outcome.code, "dur": time.monotonic() - self.started,
             "stored": self.result.stored, **extra,
         }
-        if outcome == "truncated":
-            fields["outcome"] = f"truncated after {self.result.files}"
-        (self.log.info if outcome == "complete" else self.log.warning)(**fields)
+        (self.log.info if outcome is Outcome.COMPLETE else self.log.warning)(**fields)
 
     def _close(self) -> None:
         if self.hooks is not None:
             self.hooks.close()
         if self.store is not None:
             self.store.close()
-        if self._db:
-            self._db.close()
+        self.deliveries.close()
+
+
+def run_session(cfg: Config, log: Logger, rfd: int, wfd: int | None = None, *,
+                peer: str | None, boxes: frozenset[str] | None,
+                on_authenticated: Callable[[], None] | None = None) -> int:
+    """Run one session on ``rfd`` (and ``wfd``, for a pipe pair) and return its exit status.
+
+    The one top-level handler of every deployment shape (stdio, a connected
+    socket, a forked child): an unexpected error is logged, never sent on the wire.
+    """
+    try:
+        return ServerSession(cfg, FdStream(rfd, wfd), log, peer=peer, allowed_boxes=boxes,
+                             on_authenticated=on_authenticated).run().status
+    except Exception as e:
+        log.error(event="session", outcome="error", peer=peer, detail=f"{type(e).__name__}: {e}")
+        return Exit.LOCAL

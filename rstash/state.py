@@ -1,8 +1,9 @@
 """SQLite under ``state_dir``: the pipe-mode replay cache and the delivery log.
 
 This module owns the file ``<state_dir>/rstash.db`` and the rules of rstash(7)
-rule 2 (replay cache) and section "Logs and status" (delivery log, ``--status``).
-It never touches sockets or boxes.
+rule 2 (replay cache) and section "Logs and status" (delivery log, ``--status``);
+whether a state_dir may hold it is rstash.statedir's. It never touches sockets
+or boxes.
 
 Two halves with opposite failure policies:
 
@@ -37,23 +38,18 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import sqlite3
-import stat
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any, TypeVar
 
-from rstash.errors import Reply, RstashError
+from rstash.errors import ClockSkew, ReplayRefused, StateUnavailable
+from rstash.statedir import check_state_dir
 
 DB_NAME = "rstash.db"
 SCHEMA_VERSION = 1
-#: File systems on which the replay cache is refused: SQLite's WAL needs
-#: shared memory and POSIX locks that hold across every writer, which network
-#: file systems do not promise (rstash(7) rule 2).
-NETWORK_FSTYPES = frozenset({"nfs", "nfs4", "cifs", "smb3", "fuse.sshfs", "9p"})
 #: rstash(7) rule 2: more live nonces than this for one box is a 451.
 MAX_LIVE_ROWS = 100_000
 #: Delivery-log rows older than this are pruned as new rows arrive, so that the
@@ -61,14 +57,6 @@ MAX_LIVE_ROWS = 100_000
 LOG_KEEP_SECONDS = 90 * 86400
 #: Peer-supplied strings are cut to this many UTF-8 bytes, as in the text log.
 MAX_FIELD_BYTES = 300
-
-#: Delivery-log outcomes (the vocabulary shared with log lines and --json).
-OUTCOMES = frozenset({
-    "stored", "exists", "refused", "temporary", "would_store", "aborted", "error", "auth_failed",
-})
-#: Outcomes that --status counts as refusals ("aborted" is the client's own
-#: choice and "would_store" a dry run: neither is).
-REFUSAL_OUTCOMES = frozenset({"exists", "refused", "temporary", "error", "auth_failed"})
 
 _BUSY_TIMEOUT_MS = 5000
 _R = TypeVar("_R")
@@ -90,115 +78,6 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS keys (key TEXT NOT NULL, box TEXT NOT NULL,"
     " last_used REAL NOT NULL, PRIMARY KEY (key, box))",
 )
-
-
-class ReplayRefused(RstashError):
-    """A pipe-mode nonce was seen before, or its time is not above the box's floor."""
-
-    reply = Reply.REPLAYED
-
-
-class ClockSkew(RstashError):
-    """A pipe-mode time outside replay_window. ``skew`` = client time - server time."""
-
-    reply = Reply.CLOCK_SKEW
-
-    def __init__(self, skew: int) -> None:
-        self.skew = skew
-        super().__init__(f"clock skew {skew:+d} s")
-
-
-class StateUnavailable(RstashError):
-    """The replay cache cannot answer: SQLite failed, or state_dir is unfit. Fails closed."""
-
-    reply = Reply.LOCAL_ERROR
-
-
-# --- state_dir checks ---------------------------------------------------------------------
-
-_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
-
-
-def _unescape_mountinfo(field: str) -> str:
-    # The kernel escapes space, tab, newline and backslash as \040 \011 \012 \134.
-    return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
-
-
-def parse_mountinfo(text: str) -> list[tuple[str, str]]:
-    """(mount point, fstype) of every line of a /proc/self/mountinfo text, in order.
-
-    Format (proc(5)): ``id parent maj:min root MOUNTPOINT options [optional...] - FSTYPE
-    source superoptions``; the optional fields end at a lone ``-``. Malformed lines are
-    skipped.
-    """
-    mounts: list[tuple[str, str]] = []
-    for line in text.splitlines():
-        fields = line.split(" ")
-        try:
-            sep = fields.index("-", 6)
-        except ValueError:
-            continue
-        if len(fields) <= sep + 1:
-            continue
-        mounts.append((_unescape_mountinfo(fields[4]), _unescape_mountinfo(fields[sep + 1])))
-    return mounts
-
-
-def fstype_of(path: str, mountinfo: str) -> str | None:
-    """The fstype of the mount holding absolute ``path`` (already resolved), or None.
-
-    The mount whose mount point is the longest prefix of ``path`` wins; of equal
-    mount points the later line wins (it was mounted on top).
-    """
-    best: tuple[int, str] | None = None
-    for point, fstype in parse_mountinfo(mountinfo):
-        prefix = point.rstrip("/") + "/"
-        if path == point or path.startswith(prefix):
-            if best is None or len(point) >= best[0]:
-                best = (len(point), fstype)
-    return None if best is None else best[1]
-
-
-def check_state_dir(path: str | os.PathLike[str], *, mountinfo: str | None = None,
-                    uid: int | None = None, check_owner: bool = True) -> str | None:
-    """Why ``path`` is unfit to hold the replay cache, or None when it is fit.
-
-    Fit: an existing directory (not a symlink), mode exactly 0700, owned by
-    ``uid`` (default: the effective uid; ``check_owner=False`` when the service
-    user is unknown), on a local file system. ``mountinfo`` replaces the text of
-    /proc/self/mountinfo (tests); when that cannot be read the answer is "unfit":
-    a cache we cannot prove local is refused.
-    """
-    path = os.fspath(path)
-    try:
-        st = os.lstat(path)
-    except OSError as exc:
-        return f"{path}: {exc.strerror or exc}"
-    if stat.S_ISLNK(st.st_mode):
-        return f"{path}: is a symbolic link"
-    if not stat.S_ISDIR(st.st_mode):
-        return f"{path}: not a directory"
-    mode = stat.S_IMODE(st.st_mode)
-    if mode != 0o700:
-        return f"{path}: mode {mode:04o}, must be 0700"
-    owner = os.geteuid() if uid is None else uid
-    if check_owner and st.st_uid != owner:
-        return f"{path}: owned by uid {st.st_uid}, not by the service user (uid {owner})"
-    if mountinfo is None:
-        try:
-            with open("/proc/self/mountinfo", "rb") as f:
-                mountinfo = os.fsdecode(f.read())
-        except OSError as exc:
-            return f"{path}: cannot tell whether it is local (/proc/self/mountinfo: {exc.strerror})"
-    fstype = fstype_of(os.path.realpath(path), mountinfo)
-    if fstype is None:
-        return f"{path}: no mount found for it in /proc/self/mountinfo"
-    if fstype in NETWORK_FSTYPES:
-        return f"{path}: on a {fstype} file system, must be local"
-    return None
-
-
-# --- the database -------------------------------------------------------------------------
 
 
 def _clip(value: str | None) -> str | None:
@@ -447,7 +326,8 @@ class StateDB:
     @staticmethod
     def _fill_status(conn: sqlite3.Connection, result: dict[str, Any], box: str | None,
                      start: float) -> None:
-        # The IN lists spell out REFUSAL_OUTCOMES (literal SQL, no string building).
+        # The IN lists spell out errors.REFUSAL_LOG_OUTCOMES (literal SQL, no string
+        # building; tests/test_errors.py holds them equal).
         with _transaction(conn, "BEGIN"):  # one snapshot for every query
             rows = conn.execute(
                 "SELECT box, max(at), sum(outcome = 'stored' AND at >= ?),"

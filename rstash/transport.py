@@ -1,8 +1,12 @@
-"""Moving bytes with deadlines: stdin/stdout, sockets, an ssh subprocess.
+"""Moving bytes with deadlines over file descriptors: a socket, or a pipe pair.
 
-Every read and write waits in ``poll()`` against a ``time.monotonic()``
-deadline, in every deployment shape: no SIGALRM, no blocking call without a
-bound. This module knows nothing of frames or lines.
+This module owns :class:`FdStream` (a socket, stdin/stdout under inetd or ssh,
+an ssh subprocess's pipes on the client) and the questions asked of an fd:
+is it a socket, is it listening, who is the peer (one function,
+:func:`peer_address`, for every deployment shape). Every read and write waits
+in ``poll()`` against a ``time.monotonic()`` deadline: no SIGALRM, no
+blocking call without a bound. It must never know of frames or lines, and
+never spawn or end a process.
 """
 
 from __future__ import annotations
@@ -23,19 +27,15 @@ class PeerClosed(TransportError):
 READ_SIZE = 256 * 1024
 
 
-def set_nonblocking(fd: int) -> None:
-    os.set_blocking(fd, False)
-
-
 class FdStream:
     """A byte stream over one fd (a socket) or two (a pipe pair, ssh's stdio)."""
 
     def __init__(self, rfd: int, wfd: int | None = None) -> None:
         self.rfd = rfd
         self.wfd = rfd if wfd is None else wfd
-        set_nonblocking(self.rfd)
+        os.set_blocking(self.rfd, False)
         if self.wfd != self.rfd:
-            set_nonblocking(self.wfd)
+            os.set_blocking(self.wfd, False)
         self.bytes_in = 0
         self.bytes_out = 0
 

@@ -656,7 +656,7 @@ def _toml_table(header: str, table: Mapping[str, Any]) -> list[str]:
 
 
 def config_text(e2e_dir: Path, boxes: Sequence[Box], **top: Any) -> str:
-    """TOML text of an rstash-recv config (brief section 3) for ``boxes``.
+    """TOML text of an rstash-recv config (rstash-recv.toml(5)) for ``boxes``.
 
     Defaults: ``state_dir`` = ``e2e_dir/state`` (created 0700, owned by the service user) and
     ``log`` = ``e2e_dir/rstash-recv.log`` (created, owned by the service user). ``top`` adds or

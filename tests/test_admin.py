@@ -182,7 +182,7 @@ def test_t_is_silent_and_exits_0_on_a_good_config(site: Site, run: Run) -> None:
     assert run("-t") == (0, "", "")
 
 
-# --- every problem of brief section 3 --------------------------------------------------------
+# --- every problem of rstash-recv.toml(5) ---------------------------------------------------
 
 
 def test_missing_box_dir_is_an_error(site: Site, run: Run) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from rstash import auth, wire
+from rstash import auth, keys, wire
 from rstash.config import Config, load_config
 from rstash.hooks import Delivery, hook_argv, hook_env
 from rstash.log import Logger
@@ -166,13 +166,13 @@ def test_unknown_box_and_wrong_key_take_the_same_time_after_hello(
     # does identical work for unknown boxes, makes both delays equal.
     site.box("vm1")
     cfg = site.config()
-    real_load = auth.load_key_file
+    real_load = keys.load_key_file
 
     def slow_load(*a: Any, **kw: Any) -> auth.Key:
         time.sleep(0.05)
         return real_load(*a, **kw)
 
-    monkeypatch.setattr(auth, "load_key_file", slow_load)
+    monkeypatch.setattr(keys, "load_key_file", slow_load)
 
     def delay(box: str) -> float:
         sent: list[float] = []
@@ -217,7 +217,7 @@ def test_failed_hellos_do_not_grow_the_state_database_per_attempt(site: Site) ->
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "SECURITY (design, brief section 5 'quota = sum of st_size'): store.py BoxStore._usage "
+    "SECURITY (design, rstash-recv.toml(5) [box.NAME] quota): store.py BoxStore._usage "
     "counts st_size only, so a key holder's tiny or empty files cost ~nothing against quota "
     "while each takes an inode, a directory entry and a whole block (4 KiB for 1 byte): "
     "quota stops neither block nor inode exhaustion (min_free checks f_bavail, never "

@@ -19,8 +19,8 @@ from rstash.config import (
 )
 from rstash.errors import ConfigError
 
-# The example of brief section 3, with {tmp} standing for the test's directory.
-BRIEF_EXAMPLE = """\
+# The example of rstash-recv.toml(5) EXAMPLE, with {tmp} standing for the test's directory.
+MANUAL_EXAMPLE = """\
 state_dir = "{tmp}/state"          # SQLite: replay cache and delivery log
 log = "auto"
 log_level = "info"
@@ -75,11 +75,11 @@ def minimal_box(name: str = "vm1", path: str = "/srv/rstash/vm1", key: str = "/k
     return f'[box.{name}]\npath = "{path}"\nkeys = ["{key}"]\n'
 
 
-# --- the brief's example ---------------------------------------------------
+# --- the manual's example --------------------------------------------------
 
 
-def test_brief_example_loads_with_every_setting(tmp_path: Path) -> None:
-    cfg_path = config_file(tmp_path, BRIEF_EXAMPLE)
+def test_manual_example_loads_with_every_setting(tmp_path: Path) -> None:
+    cfg_path = config_file(tmp_path, MANUAL_EXAMPLE)
     write(tmp_path / "boxes.d" / "vm2.toml", '[box.vm2]\nkeys = ["/etc/rstash/keys/vm2.key"]\n')
 
     cfg = load_config(cfg_path)
@@ -159,7 +159,7 @@ def test_quoted_box_name_with_dots_is_a_box(tmp_path: Path) -> None:
 
 
 def test_dump_config_is_json_with_octal_mode_and_int_sizes(tmp_path: Path) -> None:
-    cfg_path = config_file(tmp_path, BRIEF_EXAMPLE)
+    cfg_path = config_file(tmp_path, MANUAL_EXAMPLE)
     dumped = dump_config(load_config(cfg_path))
     assert json.loads(json.dumps(dumped)) == dumped
     vm1 = dumped["boxes"]["vm1"]

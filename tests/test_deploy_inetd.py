@@ -1,4 +1,4 @@
-"""Deployment under the real openbsd-inetd (brief section 1): ``nowait`` and ``wait`` lines.
+"""Deployment under the real openbsd-inetd (rstash-recv(8) DEPLOYMENT): ``nowait`` and ``wait`` lines.
 
 inetd runs as root in the foreground (``-d -i``, with a high ``-R`` so that its rate limit never
 switches the service off mid-suite) and starts rstash-recv as the unprivileged service user

@@ -1,6 +1,6 @@
 """End to end: the real rstash-recv, run as the service user, against real and hostile clients.
 
-One test per rule of brief sections 4 and 5 that a unit test cannot show: the server is the
+One test per rule of rstash(7) RULES and rstash-recv(8) that a unit test cannot show: the server is the
 installed ``rstash-recv`` from the e2e venv, started per connection by ``systemd-socket-activate
 --inetd`` (TCP on loopback) or spawned with pipes on stdin/stdout for crafted sessions. Clients
 are the real ``rstash-send``, ``nc``, or a :class:`rstash.wire.ClientConnection` driven by
@@ -498,8 +498,8 @@ def test_a_replayed_pipe_stream_is_refused_and_stores_nothing_twice(rig: Rig) ->
     nc = need_program("nc")
     box = make_box(rig.dir, "vm1", pipe_mode=True)
     port = rig.inetd(rig.config([box]))
-    # A new replay cache refuses every stream made up to its creation second (brief section 4,
-    # rule 2: the floor): let a first, interactive delivery create it, then wait a second.
+    # A new replay cache refuses every stream made up to its creation second (rstash(7) PIPE MODE
+    # AND REPLAY, rule 2: the floor): let a first, interactive delivery create it, then wait a second.
     warm = rig.send(box, port, rig.src("warm.txt", b"warm\n"), name="send-warm")
     assert warm.wait(30) == 0, warm.describe()
     time.sleep(1.1)

@@ -46,7 +46,7 @@ pytestmark = pytest.mark.e2e
 CHECKOUT = Path(__file__).resolve().parent.parent
 SHIPPED_SSHD_CONF = CHECKOUT / "config" / "sshd_config.d" / "rstash.conf"
 
-#: rstash-send exit statuses (brief section 2).
+#: rstash-send exit statuses (rstash-send(1) EXIT STATUS).
 OK, REFUSED, USAGE, AUTH, TRANSPORT, PROTOCOL = 0, 1, 2, 3, 4, 5
 
 SEND_TIMEOUT = 30.0

@@ -1,6 +1,6 @@
 """The accept loop (rstash/serve.py) end to end: the real rstash-recv and rstash-send on loopback.
 
-Covers ``--listen`` (IPv4, IPv6, concurrency), the limits of brief section 5 (``max_sessions``,
+Covers ``--listen`` (IPv4, IPv6, concurrency), the limits of rstash-recv.toml(5) (``max_sessions``,
 the pre-auth share, ``max_preauth_per_peer``: ``421 busy``), SIGTERM (sessions finish, nothing
 new is accepted), SIGHUP (reload, broken config kept out), sd_notify, and systemd-socket-activate
 in its three shapes (listening socket on fd 0, ``LISTEN_FDS``, one connection per process).

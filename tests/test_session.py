@@ -15,7 +15,7 @@ import pytest
 from rstash import auth, wire
 from rstash.config import load_config
 from rstash.log import Logger
-from rstash.session import ServerSession
+from rstash.session import ServerSession, run_session
 from rstash.store import BoxStore
 from rstash.transport import FdStream
 
@@ -201,3 +201,28 @@ def test_the_server_refuses_invisible_and_look_alike_names_with_553(tmp_path: Pa
     assert codes == [b"553"] * len(names) + [b"250"]
     assert lines[-1].startswith(b"221 bye 1 ")
     assert sorted(p.name for p in (tmp_path / "box").iterdir()) == ["ok.txt"]
+
+
+def test_a_failing_delivery_log_is_reported_once_per_session_and_files_are_still_stored(
+        tmp_path: Path) -> None:
+    """--status reads the delivery log: when it cannot be written, the log must say so
+    (naming the state dir and the error) once per session, and the files still get 250."""
+    key, conf, log = _site(tmp_path)
+    (tmp_path / "state" / "rstash.db").mkdir()  # the database cannot be opened
+    lines = _run(conf, log, _interactive(key, lambda c: _files(c, ["a", "b"]) + c.bye()))
+    assert [ln[:10] for ln in lines[2:4]] == [b"250 stored"] * 2
+    warnings = [ln for ln in log.read_text().splitlines() if "event=state" in ln]
+    assert len(warnings) == 1, warnings
+    assert str(tmp_path / "state") in warnings[0] and "outcome=error" in warnings[0]
+    assert sorted(os.listdir(tmp_path / "box")) == ["a", "b"]
+
+
+def test_run_session_logs_an_unexpected_failure_and_exits_2(tmp_path: Path) -> None:
+    """The one top-level handler of every deployment shape: never a traceback."""
+    _key, conf, log = _site(tmp_path)
+    r, w = os.pipe()
+    os.close(r)
+    os.close(w)  # a descriptor that is no longer open
+    assert run_session(load_config(conf), Logger(str(log)), r, peer="192.0.2.1", boxes=None) == 2
+    line = log.read_text()
+    assert "event=session outcome=error peer=192.0.2.1" in line and "OSError" in line

@@ -1,4 +1,4 @@
-"""The replay cache fails closed, the delivery log fails open (rstash(7) rule 2, brief section 6).
+"""The replay cache fails closed, the delivery log fails open (rstash(7) rule 2, rstash-recv(8) FILES).
 
 Every test uses a real SQLite file under tmp_path; time is injected.
 """
@@ -18,17 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from rstash import state
-from rstash.errors import Reply
-from rstash.state import (
-    ClockSkew,
-    ReplayRefused,
-    StateDB,
-    StateUnavailable,
-    check_state_dir,
-    fstype_of,
-    parse_mountinfo,
-)
+from rstash import state, statedir
+from rstash.errors import ClockSkew, ReplayRefused, Reply, StateUnavailable
+from rstash.state import StateDB
+from rstash.statedir import check_state_dir, fstype_of, parse_mountinfo
 
 NOBODY = 65534
 T0 = 1_000_000
@@ -423,7 +416,7 @@ def test_mount_lookup_takes_the_longest_mount_point_prefix() -> None:
     assert fstype_of("/x", MOUNTINFO + "99 27 0:60 / / rw - nfs nas:/ rw\n") == "nfs"
 
 
-@pytest.mark.parametrize("fstype", sorted(state.NETWORK_FSTYPES))
+@pytest.mark.parametrize("fstype", sorted(statedir.NETWORK_FSTYPES))
 def test_state_dir_on_a_network_file_system_is_refused(tmp_path: Path, fstype: str) -> None:
     sdir = make_state_dir(tmp_path / "state dir")
     real = os.path.realpath(sdir).replace("\\", "\\134").replace(" ", "\\040")

@@ -1,0 +1,48 @@
+"""on_receive hooks (rstash/hooks.py): argv and environment, output logged, runner order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rstash.hooks import Delivery, HookRunner, hook_argv, hook_env, run_hook
+from rstash.log import Logger
+
+D = Delivery(box="vm1", name="a~1.txt", requested_name="a.txt", path="/srv/vm1/a~1.txt",
+             size=3, sha256="ab" * 32, client_mtime=1700000000)
+
+
+def test_only_whole_placeholders_are_substituted() -> None:
+    assert hook_argv(("/bin/x", "{box}", "{name}", "{path}", "-{name}"), D) == [
+        "/bin/x", "vm1", "a~1.txt", "/srv/vm1/a~1.txt", "-{name}"]
+
+
+def test_the_environment_is_fixed_and_describes_the_delivery() -> None:
+    env = hook_env(D)
+    assert env["PATH"] == "/usr/bin:/bin" and env["RSTASH_REQUESTED_NAME"] == "a.txt"
+    assert env["RSTASH_SIZE"] == "3" and env["RSTASH_CLIENT_MTIME"] == "1700000000"
+    assert not any(k.startswith("SSH_") for k in env)
+
+
+def test_a_hook_runs_with_its_status_and_output_in_the_log(tmp_path: Path) -> None:
+    log_path = tmp_path / "log"
+    rc = run_hook(("/bin/sh", "-c", 'echo "$RSTASH_BOX $1"; exit 3', "sh", "{name}"), D, 30,
+                  Logger(str(log_path)))
+    assert rc == 3
+    text = log_path.read_text()
+    assert "event=hook" in text and "outcome=failed" in text and "code=3" in text
+    assert 'output="vm1 a~1.txt\\n"' in text
+
+
+def test_a_missing_program_is_logged_not_raised(tmp_path: Path) -> None:
+    log_path = tmp_path / "log"
+    assert run_hook((str(tmp_path / "nope"),), D, 30, Logger(str(log_path))) is None
+    assert "outcome=error" in log_path.read_text()
+
+
+def test_the_runner_runs_hooks_one_at_a_time_in_order(tmp_path: Path) -> None:
+    out = tmp_path / "order"
+    runner = HookRunner(30, Logger(str(tmp_path / "log")))
+    for name in ("1", "2", "3"):
+        runner.submit(("/bin/sh", "-c", f'echo {name} >> "{out}"'), D)
+    runner.close()
+    assert out.read_text().split() == ["1", "2", "3"]

@@ -1,0 +1,39 @@
+"""Log lines (rstash/log.py): one line per event, peer strings escaped and cut."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from rstash.log import PEER_CUT, Logger, format_fields, quote
+
+
+def test_a_hostile_name_cannot_forge_a_second_line() -> None:
+    text = quote("x\nrstash-recv[1]: info event=file outcome=stored")
+    assert "\n" not in text and text.startswith('"')
+
+
+def test_safe_values_are_bare_and_others_quoted() -> None:
+    assert quote("vm1") == "vm1" and quote(True) == "yes" and quote(1.5) == "1.500"
+    assert quote("a b") == '"a b"' and quote(b"\xff") == '"\\\\xff"'
+
+
+def test_long_peer_strings_are_cut() -> None:
+    assert quote("a" * 1000) == '"' + "a" * PEER_CUT + '\\u2026"'
+
+
+def test_none_fields_are_left_out() -> None:
+    assert format_fields({"event": "file", "final": None, "code": 250}) == "event=file code=250"
+
+
+def test_a_file_target_gets_one_line_per_event_and_follows_rotation(tmp_path: Path) -> None:
+    path = tmp_path / "recv.log"
+    log = Logger(str(path), "info")
+    log.debug(event="hidden")
+    log.info(event="one")
+    os.rename(path, tmp_path / "recv.log.1")  # logrotate
+    log.warning(event="two")
+    assert "event=one" in (tmp_path / "recv.log.1").read_text()
+    lines = path.read_text().splitlines()
+    assert len(lines) == 1 and "warning event=two" in lines[0]
+    assert "hidden" not in (tmp_path / "recv.log.1").read_text()
