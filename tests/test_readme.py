@@ -73,3 +73,17 @@ def test_the_deb_version_named_in_the_docs_is_the_project_version() -> None:
         text = (CHECKOUT / path).read_text(encoding="utf-8").replace("\\-", "-")
         named = set(re.findall(r"rstash_([0-9][^_]*)_amd64\.deb", text))
         assert named == {version.group(1)}, (path, named)
+
+
+def test_troubleshooting_covers_each_message_with_cause_command_and_fix() -> None:
+    page = (CHECKOUT / "man/rstash-recv.8").read_text(encoding="utf-8")
+    section = page[page.index(".SH TROUBLESHOOTING\n"):page.index(".SH FILES\n")].replace("\\-", "-")
+    entries = re.split(r"^\.SS ", section, flags=re.M)[1:]
+    for must in ("connection closed by the server before the session completed", "535 authentication failed",
+                 "unknown key id", "local error", "a client key must be 0600",
+                 "a key must not be readable or writable by others", "file_mode = 0640",
+                 "Permission denied (publickey)", "RSTASH_DEMO_PORT", "--status"):
+        assert must in section, must
+    for entry in entries:
+        if not entry.startswith('"rstash-send: KEY: permissions 0644'):  # shares the next entry's text
+            assert all(f".B {w}" in entry for w in ("Cause:", "Shows it:", "Fix:")), entry[:80]
