@@ -40,6 +40,7 @@ from test_readme import readme_commands
 pytestmark = pytest.mark.e2e
 
 CHECKOUT = Path(__file__).resolve().parent.parent
+PASSED_ENV = {"http_proxy", "https_proxy", "no_proxy", "ssl_cert_file", "requests_ca_bundle"}
 BUILD_TOOLS = ("dpkg-buildpackage", "dh", "dh_virtualenv", "apt-get", "git")
 INSTALLED = [Path("/usr/bin/rstash-recv"), Path("/usr/bin/rstash-send"), Path("/opt/venvs/rstash"),
              Path("/usr/share/man/man8/rstash-recv.8.gz"), Path("/usr/share/man/man1/rstash-send.1.gz"),
@@ -103,7 +104,9 @@ def test_the_deb_from_a_fresh_clone_serves_under_inetd_and_purges_clean(
     env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
            "HOME": os.environ.get("HOME", "/root"), "DEBIAN_FRONTEND": "noninteractive",
            "APT_CONFIG": str(apt_conf)}
-    env.update({k: v for k, v in os.environ.items() if k.startswith(("PIP_", "TMPDIR", "XDG_CONFIG"))})
+    # The build's pip finds its index as this machine's pip does (pip.conf, PIP_*, proxies).
+    env.update({k: v for k, v in os.environ.items()
+                if k.startswith(("PIP_", "TMPDIR", "XDG_CONFIG")) or k.lower() in PASSED_ENV})
 
     with locked(Path("/var/tmp/rstash-test-deb.lock"), timeout=1800):
         if _installed("rstash"):  # left by an interrupted run

@@ -19,12 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from e2e_support import ServiceUser, e2e_root, free_port, is_root, need_program
+from e2e_support import ServiceUser, e2e_root, free_port, is_root, need, need_program
 from test_readme import readme_commands
 
 pytestmark = pytest.mark.e2e
 
 CHECKOUT = Path(__file__).resolve().parent.parent
+PASSED_ENV = {"http_proxy", "https_proxy", "no_proxy", "ssl_cert_file", "requests_ca_bundle"}
 README = (CHECKOUT / "README.md").read_text(encoding="utf-8")
 
 
@@ -46,7 +47,9 @@ def _clone(dest: Path, owner: ServiceUser | None) -> Path:
 def _run(line: str, *, cwd: Path, home: Path, user: ServiceUser | None,
          extra: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(home)}
-    env.update({k: v for k, v in os.environ.items() if k.startswith("PIP_")})
+    # pip finds its index as this machine's pip does: PIP_*, proxies, CA bundles, HOME's pip.conf
+    env.update({k: v for k, v in os.environ.items()
+                if k.startswith("PIP_") or k.lower() in PASSED_ENV})
     env.update(extra or {})
     argv = ["/bin/sh", "-ec", line]
     if user is not None and is_root():
@@ -85,8 +88,8 @@ def _check_pipx_install(base: Path, home: Path, service_user: ServiceUser) -> No
 def test_pipx_install_from_the_directory_and_from_a_wheel(
         as_root: bool, service_user: ServiceUser) -> None:
     need_program("pipx")
-    if as_root and not is_root():
-        pytest.skip("as root: run the suite as root (CI does)")
+    if as_root:
+        need(is_root(), "the README's commands as root: run the suite as root (CI does)")
     user = None if as_root else service_user
     base = _workdir(f"pipx-{'root' if as_root else 'user'}")
     home = base / "home"
@@ -110,8 +113,8 @@ def test_pipx_install_from_the_directory_and_from_a_wheel(
 @pytest.mark.parametrize("as_root", [True, False], ids=["root", "ordinary-user"])
 def test_the_demo_runs_in_a_fresh_clone(as_root: bool, service_user: ServiceUser) -> None:
     assert "./demo.sh" in README
-    if as_root and not is_root():
-        pytest.skip("as root: run the suite as root (CI does)")
+    if as_root:
+        need(is_root(), "the README's commands as root: run the suite as root (CI does)")
     user = None if as_root else service_user
     base = _workdir(f"demo-{'root' if as_root else 'user'}")
     home = base / "home"
