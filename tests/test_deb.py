@@ -109,9 +109,10 @@ def test_the_deb_from_a_fresh_clone_serves_under_inetd_and_purges_clean(
                 if k.startswith(("PIP_", "TMPDIR", "XDG_CONFIG")) or k.lower() in PASSED_ENV})
 
     with locked(Path("/var/tmp/rstash-test-deb.lock"), timeout=1800):
-        if _installed("rstash"):  # left by an interrupted run
-            _purge(env, tmp_path)
-        need(not _user_exists("rstash"), "a user 'rstash' exists that no rstash package created")
+        # Never purge an installation this test did not make: it would take its keys with it.
+        need(not _installed("rstash"), "the rstash package is installed here (dpkg -s rstash); this test "
+             "installs and purges it: run it where it is not installed")
+        need(not _user_exists("rstash"), "a user 'rstash' exists here; this test creates and removes it")
         clone = tmp_path / "clone"
         subprocess.run(["git", "clone", "--quiet", str(CHECKOUT), str(clone)], check=True, timeout=120)
         port = free_port()
