@@ -1,6 +1,7 @@
 """The README's other ways in, run as written in a fresh ``git clone`` (its committed state):
 ``./demo.sh`` and ``pipx install`` (from the directory, and from a wheel), as root and as an
-ordinary user.
+ordinary user; the ordinary user then runs the deployment's box step up to ``rstash-recv -t``
+and ``--check-config``, with itself as the service user and the system paths moved.
 
 Only pipx's two directories are moved (``PIPX_HOME``, ``PIPX_BIN_DIR``: the README's
 /opt/pipx and /usr/local/bin would change the machine). What pipx installs must be usable by
@@ -106,8 +107,29 @@ def test_pipx_install_from_the_directory_and_from_a_wheel(
         assert not (base / "bin/rstash-recv").exists()
         _run(_moved_pipx(wheel, base), cwd=clone, home=home, user=user)
         _check_pipx_install(base, home, service_user)
+        if not as_root:  # as root, with the real user rstash: tests/test_deb.py
+            _box_recipe_as_ordinary_user(base, clone, home, user or service_user)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _box_recipe_as_ordinary_user(base: Path, clone: Path, home: Path, user: ServiceUser) -> None:
+    """The README's box step up to the config check, by a user who can only be its own service user:
+    /srv/rstash, /etc/rstash and /var/lib/rstash moved under ``base``, the user rstash is ``user``."""
+    etc, state = base / "etc", base / "state"
+    _run(f"install -d -m 0750 {etc}/keys && install -d -m 0700 {state} && "
+         f"sed 's|/var/lib/rstash|{state}|' config/rstash-recv.toml > {etc}/rstash-recv.toml",
+         cwd=clone, home=home, user=user)
+    lines = readme_commands("## Deploying it")
+    box_step = lines[:next(i for i, line in enumerate(lines) if "/etc/services" in line)]
+    assert box_step[-1].startswith("rstash-recv -t"), box_step
+    for line in box_step:
+        line = (line.replace("/srv/rstash", f"{base}/srv").replace("/etc/rstash", str(etc))
+                .replace("rstash-recv -t", f"rstash-recv -c {etc}/rstash-recv.toml -t")
+                .replace("rstash-recv --check-config", f"rstash-recv -c {etc}/rstash-recv.toml --check-config"))
+        line = re.sub(r"(?<=\s)rstash(?=\s|$)", user.name, line)
+        _run(line, cwd=clone, home=home, user=user, extra={"PATH": f"{base}/bin:/usr/bin:/bin"})
+    assert "[box.vm1]" in (etc / "rstash-recv.toml").read_text()
 
 
 @pytest.mark.parametrize("as_root", [True, False], ids=["root", "ordinary-user"])
