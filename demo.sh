@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # rstash demo: install rstash into a virtual environment, start a demo server on
-# loopback with the shipped example configuration (config/rstash-recv.toml),
-# send a file into its "demo" box and show the receipt.
+# loopback with the shipped example configuration (config/rstash-recv.toml) and
+# a "demo" box added to it, send a file into that box and show the receipt.
+#
+# RSTASH_DEMO_PORT: the loopback port of the demo server (default 17370).
 #
 # Run as root, the server runs as the unprivileged user "rstash-demo" (rstash-recv
 # refuses to serve as root); run as anyone else, it runs as you. Nothing outside
@@ -12,6 +14,11 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 port=${RSTASH_DEMO_PORT:-17370}
 uid=$(id -u)
+
+if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    echo "demo.sh: port $port on 127.0.0.1 is busy; run: RSTASH_DEMO_PORT=<a free port> $0" >&2
+    exit 1
+fi
 
 if [ "$uid" -eq 0 ]; then
     python=/usr/bin/python3
@@ -53,6 +60,14 @@ sed -e "s|/srv/rstash|$work/srv|g" \
     -e "s|^log = .*|log = \"$work/recv.log\"|" \
     -e "s|^include = .*|include = []|" \
     "$here/config/rstash-recv.toml" > "$work/rstash-recv.toml"
+# The shipped example defines no box: the demo adds its own.
+cat >> "$work/rstash-recv.toml" <<BOX
+
+[box.demo]
+path = "$work/srv/demo"
+keys = ["$work/keys/demo.key"]
+pipe_mode = true
+BOX
 
 if [ "$uid" -eq 0 ]; then
     chown rstash-demo: "$work/srv/demo" "$work/state"
@@ -75,7 +90,11 @@ server=$!
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
 for _ in $(seq 100); do
     grep -q "outcome=listening" "$work/recv.log" 2>/dev/null && break
-    kill -0 "$server" 2>/dev/null || { cat "$work/server.stderr"; exit 1; }
+    kill -0 "$server" 2>/dev/null || {
+        cat "$work/server.stderr" >&2
+        echo "demo.sh: rstash-recv did not start on port $port; if it is busy, run: RSTASH_DEMO_PORT=<a free port> $0" >&2
+        exit 1
+    }
     sleep 0.1
 done
 

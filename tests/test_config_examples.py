@@ -26,32 +26,56 @@ CHECKOUT = Path(__file__).resolve().parent.parent
 CONFIG = CHECKOUT / "config"
 
 
-def test_the_example_config_passes_check_config_with_its_paths_moved(
+def _example_box_table(text: str) -> str:
+    """The [box.vm1] example under "No box is active", uncommented."""
+    lines = text[text.index("# No box is active"):].splitlines()[1:]
+    table = []
+    for line in lines:
+        if line == "#" and table:
+            break
+        if line != "#":
+            table.append(line.removeprefix("# "))
+    return "\n".join(table) + "\n"
+
+
+def test_the_example_config_has_no_box_and_takes_the_documented_one(
         e2e_dir: Path, e2e_venv: Path, service_user: ServiceUser) -> None:
     recv = venv_bin(e2e_venv, "rstash-recv")
-    for sub in ("srv/demo", "keys", "state"):
+    for sub in ("srv/vm1", "keys", "state"):
         (e2e_dir / sub).mkdir(parents=True, exist_ok=True)
-    subprocess.run([recv, "--gen-key", str(e2e_dir / "keys/demo.key"), "--comment", "demo"],
+    subprocess.run([recv, "--gen-key", str(e2e_dir / "keys/vm1.key"), "--comment", "vm1"],
                    check=True, capture_output=True, timeout=30)
-    os.chown(e2e_dir / "keys/demo.key", 0 if os.geteuid() == 0 else -1, service_user.gid)
-    os.chmod(e2e_dir / "keys/demo.key", 0o640)
-    service_user.chown(e2e_dir / "srv/demo")
+    os.chown(e2e_dir / "keys/vm1.key", 0 if os.geteuid() == 0 else -1, service_user.gid)
+    os.chmod(e2e_dir / "keys/vm1.key", 0o640)
+    service_user.chown(e2e_dir / "srv/vm1")
     service_user.chown(e2e_dir / "state")
     os.chmod(e2e_dir / "state", 0o700)
-    text = (CONFIG / "rstash-recv.toml").read_text(encoding="utf-8")
-    text = (text.replace("/srv/rstash", f"{e2e_dir}/srv").replace("/etc/rstash/keys", f"{e2e_dir}/keys")
-            .replace("/var/lib/rstash", f"{e2e_dir}/state"))
+
+    def moved(text: str) -> str:
+        return (text.replace("/srv/rstash", f"{e2e_dir}/srv").replace("/etc/rstash/keys", f"{e2e_dir}/keys")
+                .replace("/var/lib/rstash", f"{e2e_dir}/state"))
+
+    shipped = (CONFIG / "rstash-recv.toml").read_text(encoding="utf-8")
     conf = e2e_dir / "rstash-recv.toml"
-    conf.write_text(text, encoding="utf-8")
+    conf.write_text(moved(shipped), encoding="utf-8")
+    # The shipped example has no active box: a fresh install serves nothing by accident.
+    from rstash.config import load_config
+
+    assert load_config(conf).boxes == {}
+    proc = subprocess.run([recv, "-c", str(conf), "-t"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    # "Copy it and add a [box.vm1] table": the table shown in its own comment.
+    table = _example_box_table(shipped)
+    assert table.startswith("[box.vm1]\n") and "keys = " in table, table
+    conf.write_text(moved(shipped + "\n" + table), encoding="utf-8")
+    assert set(load_config(conf).boxes) == {"vm1"}
+    proc = subprocess.run([recv, "-c", str(conf), "-t"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == "", proc.stdout + proc.stderr
     proc = subprocess.run([recv, "-c", str(conf), "--check-config", "--user", service_user.name],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "error" not in proc.stdout.replace("0 errors", "")
-    # Every box key of the shipped example is documented by its commented [box.vm1]:
-    # uncommented, it still loads.
-    from rstash.config import load_config
-
-    assert "demo" in load_config(conf).boxes
+    assert "0 errors" in proc.stdout and "1 box" in proc.stdout, proc.stdout
 
 
 def test_the_systemd_units_pass_systemd_analyze_verify(tmp_path: Path, e2e_venv: Path) -> None:

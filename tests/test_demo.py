@@ -33,6 +33,21 @@ def test_demo_stores_the_readme_with_a_verified_receipt() -> None:
     assert "outcome=stored" in proc.stdout
 
 
+def test_a_busy_demo_port_names_rstash_demo_port() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+        env["RSTASH_DEMO_PORT"] = str(s.getsockname()[1])
+        proc = subprocess.run(["bash", str(CHECKOUT / "demo.sh")], env=env, capture_output=True,
+                              text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 1
+    assert f"port {env['RSTASH_DEMO_PORT']} on 127.0.0.1 is busy" in proc.stderr
+    assert "RSTASH_DEMO_PORT=" in proc.stderr and "==> installing" not in proc.stdout
+
+
 def test_installed_programs_print_the_protocol_version(e2e_venv: Path) -> None:
     from e2e_support import venv_bin
 
