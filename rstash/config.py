@@ -2,9 +2,10 @@
 
 This module owns the schema of rstash-recv.toml (brief section 3), the one size
 parser and the one duration parser of the project, the ``include`` mechanism,
-the ``[defaults]`` inheritance and the cross-checks between boxes. It is the
-only module that imports pydantic; everything else codes against the frozen
-:class:`Config` and :class:`BoxConfig` it returns.
+the ``[defaults]`` inheritance and the cross-checks between boxes. With
+rstash.client.profiles (rstash-send's profiles, which words its problems with
+the helpers here) it is the only module that imports pydantic; everything else
+codes against the frozen :class:`Config` and :class:`BoxConfig` it returns.
 
 It must never touch a box directory or read a key file (``--check-config`` does
 that), never create anything, and never let a traceback or pydantic's
