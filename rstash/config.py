@@ -3,9 +3,11 @@
 This module owns reading rstash-recv.toml (rstash-recv.toml(5)): the TOML
 tables as pydantic models built from the settings of rstash.settings, the
 ``include`` mechanism, the ``[defaults]`` inheritance, the cross-checks between
-boxes and the one-line error messages. It is the only module that imports
-pydantic; everything else codes against the frozen :class:`Config` and
-:class:`BoxConfig` it returns (subclasses of the settings dataclasses).
+boxes and the one-line error messages. With rstash.client.profiles
+(rstash-send's profiles, which validate through :func:`_validate` here) it is
+the only module that imports pydantic; everything else codes against the frozen
+:class:`Config` and :class:`BoxConfig` it returns (subclasses of the settings
+dataclasses).
 
 It must never touch a box directory or read a key file (``--check-config`` does
 that), never create anything, and never let a traceback or pydantic's

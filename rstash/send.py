@@ -1,42 +1,40 @@
 """rstash-send: the client's command line (rstash-send(1)).
 
-Owns argparse, the key file lookup, the retry of a session refused ``421 busy``,
-and the one place that maps errors to exit statuses and one-line messages. The
-session itself (destinations, connecting, sources, streaming, receipts) is in
-``rstash.client``; nothing imports this module.
+Owns argparse, telling a profile name from a destination URL, the key file lookup,
+the retry of a session refused ``421 busy``, and the one place that maps errors to
+exit statuses and one-line messages. The session itself (destinations, connecting,
+sources, streaming, receipts) is in ``rstash.client``; nothing imports this module.
+``rstash.client.profiles`` (and with it pydantic) is imported only when a profile,
+``-F`` or ``--profiles`` is used: a plain send never reads a profile file.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
 import time
-from typing import TYPE_CHECKING
 
 from . import PROTOCOL, __version__, auth
 from .client.connect import connect
 from .client.destinations import parse_dest
-from .client.options import Options
+from .client.options import Options, Profile
 from .client.session import ServerBusy, complain, run_interactive, run_pipe
 from .client.sources import make_sources
-from .errors import Exit, KeyFileError, Reply, RstashError, UsageError
+from .errors import ConfigError, Exit, KeyFileError, Reply, RstashError, UsageError
 from .names import is_box_name
-
-if TYPE_CHECKING:
-    import argparse
 
 USAGE = """\
 rstash-send [OPTIONS] DEST FILE...
 rstash-send [OPTIONS] --name NAME --from-command DEST -- CMD [ARG...]
 rstash-send [OPTIONS] --stdout BOX FILE...
 rstash-send --fingerprint -k KEY
-  DEST = rstash://HOST[:PORT]/BOX | ssh://[USER@]HOST[:PORT]/BOX"""
+rstash-send [-F FILE] --profiles [--json]
+  DEST = rstash://HOST[:PORT]/BOX | ssh://[USER@]HOST[:PORT]/BOX | PROFILE"""
 
 
 def _parser() -> argparse.ArgumentParser:
-    import argparse
-
     p = argparse.ArgumentParser(
         prog="rstash-send", usage=USAGE,
         description="Send files into an rstash box (rstash-send(1)).",
@@ -44,9 +42,13 @@ def _parser() -> argparse.ArgumentParser:
                "3 authentication failed; 4 network or ssh failure; 5 protocol error; "
                "75 temporary refusal, try later.")
     p.add_argument("dest", nargs="?", help="rstash://HOST[:PORT]/BOX, ssh://[USER@]HOST[:PORT]/BOX, "
-                   "or BOX with --stdout")
+                   "a profile name (no '://'), or BOX with --stdout")
     p.add_argument("files", nargs="*", metavar="FILE", help="files to send; - for stdin")
-    p.add_argument("-k", "--key", metavar="FILE", help="box key (else RSTASH_KEY_FILE)")
+    p.add_argument("-k", "--key", metavar="FILE", help="box key (else the profile's, else RSTASH_KEY_FILE)")
+    p.add_argument("-F", "--config", metavar="FILE", dest="config_file",
+                   help="profiles file (default $XDG_CONFIG_HOME/rstash/send.toml; "
+                        "for root also /etc/rstash/send.toml)")
+    p.add_argument("--profiles", action="store_true", help="list the profiles and exit")
     p.add_argument("--name", help="remote name (one FILE only; default the file's base name)")
     p.add_argument("--json", action="store_true", help="JSON Lines on stdout, one object per file")
     p.add_argument("--ignore-existing", action="store_true",
@@ -59,18 +61,20 @@ def _parser() -> argparse.ArgumentParser:
                    help="stream the stdout of the command after --; nothing stored if it fails")
     p.add_argument("--stdout", action="store_true",
                    help="pipe mode: write a one-way stream to stdout (… | nc -N host 7370)")
-    p.add_argument("-e", "--rsh", metavar="CMD", help='ssh command for ssh:// (else RSTASH_RSH; default "ssh")')
-    p.add_argument("--remote-path", metavar="CMD", default="rstash-recv",
-                   help="remote command for ssh:// (default rstash-recv)")
-    p.add_argument("--subsystem", action="store_true", help='request the sshd subsystem "rstash"')
+    p.add_argument("-e", "--rsh", metavar="CMD",
+                   help='ssh command for ssh:// (else the profile\'s, else RSTASH_RSH; default "ssh")')
+    p.add_argument("--remote-path", metavar="CMD", help="remote command for ssh:// (default rstash-recv)")
+    p.add_argument("--subsystem", action=argparse.BooleanOptionalAction,
+                   help='request the sshd subsystem "rstash" (default: no)')
     p.add_argument("--proxy-command", metavar="CMD", help="reach rstash:// through CMD (%%h %%p)")
-    p.add_argument("--connect-timeout", type=float, default=30.0, metavar="S",
+    # No defaults here: None is "not on the command line", so a profile's setting applies.
+    p.add_argument("--connect-timeout", type=float, metavar="S",
                    help="limit for connecting and the greeting (default 30)")
-    p.add_argument("--timeout", type=float, default=120.0, metavar="S",
+    p.add_argument("--timeout", type=float, metavar="S",
                    help="limit for any one read or write (default 120)")
-    p.add_argument("--busy-wait", type=float, default=120.0, metavar="S",
+    p.add_argument("--busy-wait", type=float, metavar="S",
                    help="retry '421 busy' for up to S seconds (default 120)")
-    p.add_argument("--bwlimit", metavar="RATE", help="bytes per second, e.g. 20MiB")
+    p.add_argument("--bwlimit", metavar="RATE", help="bytes per second, e.g. 20MiB; 0 for no limit")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--progress", dest="progress", action="store_true", default=None,
                    help="a progress bar on stderr (default: when stderr is a terminal)")
@@ -81,6 +85,41 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--server-id", metavar="ID", help="must match the server's server_id")
     p.add_argument("-V", "--version", action="store_true", help="print program and protocol version")
     return p
+
+
+def profile_of(ns: argparse.Namespace) -> Profile | None:
+    """The profile DEST names, if it names one (rstash-send(1), PROFILES).
+
+    DEST is a URL when it has ``://`` and a profile name otherwise; with ``--stdout``
+    it is a box name and no profile applies. No file is read, and pydantic is not
+    imported, unless DEST is a profile name or ``-F`` is given.
+    """
+    if ns.stdout:
+        if ns.config_file is not None:
+            raise UsageError("-F: profiles do not apply to --stdout BOX; give the options themselves")
+        return None
+    named = ns.dest is not None and "://" not in ns.dest
+    if named and not is_box_name(ns.dest):
+        raise UsageError(f"{ns.dest}: not a destination: give rstash://HOST[:PORT]/BOX, "
+                         "ssh://[USER@]HOST[:PORT]/BOX or a profile name (see --profiles)")
+    if not named and ns.config_file is None:
+        return None
+    from .client import profiles
+
+    found = profiles.load(ns.config_file)
+    return found.get(ns.dest) if named else None
+
+
+def _list_profiles(ns: argparse.Namespace) -> int:
+    if ns.dest is not None or ns.stdout:
+        raise UsageError("--profiles takes no DEST or FILE")
+    from .client import profiles
+
+    found = profiles.load(ns.config_file)
+    if not found.by_name and not ns.json:
+        complain(f"no profiles in {found.where()}")
+    profiles.show(found, as_json=ns.json)
+    return Exit.OK
 
 
 def _load_key(opts: Options) -> auth.Key:
@@ -98,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         raw, cmd = raw[:i], raw[i + 1:]
     ns = _parser().parse_args(raw)
     try:
-        return run(Options.from_namespace(ns, cmd))
+        if ns.profiles:
+            return _list_profiles(ns)
+        return run(Options.from_namespace(ns, cmd, profile_of(ns)))
     except KeyFileError as e:
         complain(e.message)
         return Exit.LOCAL
@@ -108,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             # our own timeout is not a "421", a receipt failing its MAC is not a "500".
             code = vars(e).get("reply")
             print(json.dumps({"status": "error", "code": code, "message": e.message}), flush=True)
-        complain(e.message)
+        for line in e.problems if isinstance(e, ConfigError) else [e.message]:
+            complain(line)
         return int(e.exit_status)
     except KeyboardInterrupt:
         return 130

@@ -5,8 +5,10 @@
 - ``connect``: reaching a server (TCP, ``--proxy-command``, ssh) as one byte stream;
 - ``sources``: what is sent (files, stdin, ``--from-command``);
 - ``session``: the session driver and its one streaming loop, for both
-  interactive and pipe mode, and the per-file results.
+  interactive and pipe mode, and the per-file results;
+- ``profiles``: send.toml, its checks and its ``[dest.NAME]`` tables.
 
 Nothing here parses the command line or decides the retry policy (``rstash.send``
-does); nothing here imports pydantic or the server's modules.
+does). Only ``profiles`` imports pydantic (and rstash.config's wording of
+problems), and only ``rstash.send`` imports it, when a profile is used.
 """
