@@ -22,6 +22,7 @@ import os
 import secrets
 import select
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Sequence
@@ -273,6 +274,19 @@ class Site:
         assert popen.stdin is not None and popen.stdout is not None
         served = Served(popen, Pipe(popen.stdout.fileno(), popen.stdin.fileno(),
                                     shut=popen.stdin.close), err_path)
+        self.served.append(served)
+        return served
+
+    def on_socket(self, conf: Path, sock: socket.socket, *extra: str) -> Served:
+        """rstash-recv with fds 0 and 1 on ``sock`` (the caller keeps the other end)."""
+        err_path = self.dir / f"recv-socket.{len(self.served) + 1}.err"
+        with open(err_path, "wb") as err:
+            popen = subprocess.Popen(as_service([self.recv, "-c", str(conf), *extra]),
+                                     stdin=sock.fileno(), stdout=sock.fileno(), stderr=err,
+                                     env=service_env(), start_new_session=True)
+        r, w = os.pipe()  # the Pipe is unused: the caller talks on its own socket end
+        os.close(w)
+        served = Served(popen, Pipe(r, os.dup(r)), err_path)
         self.served.append(served)
         return served
 
