@@ -142,8 +142,25 @@ def judge(box: Box, stream: bytes, legit: dict[str, bytes], tally: Tally) -> Non
     assert out == b"" or out.endswith(b"\r\n"), out
 
 
+def end_counts(data: bytes) -> list[int]:
+    """Offsets of the u64 n of each END frame: rstash(7) END has the server compute the tag
+    from its own count, never the wire's, so a changed n there is not a forgery."""
+    out, pos = [], 0
+    for f in frames_of(data):
+        if f[0] == wire.FrameType.END:
+            out.append(pos + 5)
+        pos += len(f)
+    return out
+
+
 def legit_files(cap: Captured, stream: bytes) -> dict[str, bytes]:
-    return {name: content for end, name, content in cap.files if stream.startswith(cap.stream[:end])}
+    """The authentic files whose whole stream up to their END begins ``stream``."""
+    masked = bytearray(stream)
+    for at in end_counts(cap.stream):
+        if len(masked) >= at + 8:
+            masked[at:at + 8] = cap.stream[at:at + 8]
+    return {name: content for end, name, content in cap.files
+            if masked.startswith(cap.stream[:end])}
 
 
 def test_mutated_real_streams_store_nothing_without_authority(tmp_path: Path) -> None:
