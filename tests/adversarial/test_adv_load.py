@@ -88,9 +88,10 @@ def test_a_hundred_concurrent_senders_all_store_with_bounded_resources(
     sampler = Sampler(conf)
     t0 = time.monotonic()
     try:
-        procs = [site.send(box, port, path, args=["--busy-wait", "240", "--timeout", "120"],
+        procs = [site.send(box, port, path, args=["--busy-wait", "240", "--connect-timeout", "200",
+                                 "--timeout", "200"],
                            name=f"send-{name}") for name, path in srcs.items()]
-        rcs = [p.wait(300) for p in procs]
+        rcs = [p.wait(400) for p in procs]
     finally:
         sampler.close()
     took = time.monotonic() - t0
