@@ -7,6 +7,6 @@ module must never add behaviour of its own.
 
 from __future__ import annotations
 
-from rstash import protocol as wire
+from rstash import wire
 
 __all__ = ["wire"]

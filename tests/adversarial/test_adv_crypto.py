@@ -23,7 +23,8 @@ from adv_inproc import Box, fixed_challenge, make_box
 from adv_support import record
 from adv_wire import wire
 
-from rstash import auth, session
+from rstash import auth
+from rstash import hello as hello_judge
 from rstash.state import StateDB
 
 CHALLENGE = bytes(range(100, 132))
@@ -213,5 +214,5 @@ def test_the_dummy_key_path_is_the_same_code_path(tmp_path: Path,
     # the proof check ran in every case, on the derived proof and the sent one
     for case, trace in traces.items():
         assert ("verify", (("bytes", 32), ("bytes", 32))) in trace, (case, trace)
-    dummies = [k for k in keys_used if k is session._DUMMY_KEY]
+    dummies = [k for k in keys_used if k is hello_judge.DUMMY_KEY]
     assert len(dummies) == 2 and len(dummies[0].secret) == len(box.key)

@@ -311,7 +311,7 @@ def test_silent_connections_from_other_addresses_do_not_lock_out_a_sender(site: 
     conf = site.config([box], preauth_timeout=30, idle_timeout=30)
     port, _ = site.listen(conf)
     silent = []
-    for i in range(count(100, floor=20)):
+    for i in range(100):  # the attack is not scaled down: it is cheap, and smaller is no siege
         s = socket.socket()
         s.bind((f"127.0.0.{i + 2}", 0))
         with contextlib.suppress(OSError):
