@@ -35,11 +35,11 @@ CHECKOUT = Path(__file__).resolve().parent.parent
 
 def summarise(rows: list[dict[str, int | str]]) -> list[str]:
     sums: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    loads: list[tuple[int, int]] = []
+    loads: list[tuple[int, int, str]] = []
     for row in rows:
         figure = str(row["figure"])
         if figure == "load":
-            loads.append((int(row["stored"]), int(row["senders"])))
+            loads.append((int(row["stored"]), int(row["senders"]), str(row.get("shape", "?"))))
             continue
         for k, v in row.items():
             if k != "figure":
@@ -61,7 +61,7 @@ def summarise(rows: list[dict[str, int | str]]) -> list[str]:
         s = sums["faults"]
         out.append(f"faults {s['clean']}/{s['cases']} clean")
     if loads:
-        out.append("load " + ", ".join(f"{a}/{b}" for a, b in loads))
+        out.append("load " + ", ".join(f"{a}/{b} ({shape})" for a, b, shape in loads))
     if "crypto" in sums:
         s = sums["crypto"]
         out.append(f"replay/forgery {s['refused']}/{s['tried']} refused")

@@ -66,7 +66,7 @@ def count(full: int, floor: int = 1) -> int:
     return max(floor, round(full * scale()))
 
 
-def record(figure: str, **numbers: int) -> None:
+def record(figure: str, **numbers: int | str) -> None:
     """Add one test's numbers to the summary of ``figure`` (names, fuzz, mitm, ...)."""
     path = os.environ.get("RSTASH_ADV_FIGURES")
     if not path:

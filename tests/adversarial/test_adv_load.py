@@ -101,7 +101,7 @@ def test_a_hundred_concurrent_senders_all_store_with_bounded_resources(
         if path.is_file() and hashlib.sha256(path.read_bytes()).digest() == \
                 hashlib.sha256(data).digest():
             stored += 1
-    record("load", stored=stored, senders=n)
+    record("load", stored=stored, senders=n, shape=shape)
     failed = [p.describe() for p, rc in zip(procs, rcs, strict=True) if rc != 0]
     assert failed == [], failed[:3]
     assert stored == n, f"{stored}/{n} stored in {took:.1f} s"
