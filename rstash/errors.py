@@ -142,6 +142,8 @@ class Outcome(Enum):
     BUSY = (Reply.BUSY, "busy", "busy", "temporary", Exit.TEMPFAIL)
     #: the peer was silent for longer than its timeout
     TIMEOUT = (Reply.BUSY, "timeout", "timeout", "temporary", Exit.TEMPFAIL)
+    #: the peer never sent a byte: timed out, or closed, before a HELLO began
+    SILENT = (None, "", "silent", "error", Exit.TRANSPORT)
     #: any pre-authentication failure, uniformly
     AUTH_FAILED = (Reply.AUTH_FAILED, "authentication failed", "auth_failed", "refused",
                    Exit.AUTH)

@@ -9,15 +9,12 @@ connection is ``421 busy``.
 
 Theory of operation
 -------------------
-* **Limits** (rstash-recv(8)): at most ``max_sessions`` children; at most
-  ``max(1, max_sessions // 4)`` of them before authentication; at most
-  ``max_preauth_per_peer`` unauthenticated ones per source address. A
-  connection beyond any limit is accepted, told ``421 busy`` and closed; no
-  child is forked for it.
-* **Knowing when a child authenticated**: each child gets the write end of a
-  pipe and writes one byte right after its ``235`` reply; the parent polls the
-  read ends. Until that byte arrives (or the child exits), the child counts as
-  pre-auth. A timer ("pre-auth until preauth_timeout has passed") would be a
+* **Limits** (rstash-recv(8)) are decided by rstash.admission: beyond one, a
+  connection is told ``421 busy`` (from outside every ``allow_from``: nothing)
+  and closed, unforked; or a silent child is ended (SIGTERM) to make room.
+* **Knowing how far a child got**: each child writes one byte to a pipe when
+  its peer's whole HELLO is in and one right after its ``235``; the parent
+  polls the read ends. A timer ("pre-auth until preauth_timeout has passed") would be a
   correct upper bound without the pipe, but it would throttle honest clients
   to ``max_preauth_per_peer`` connections per ``preauth_timeout`` from one
   host: 20 parallel senders would mostly be told ``421``.
@@ -51,6 +48,7 @@ from types import FrameType
 from typing import Any
 
 from . import wire
+from .admission import Slot, Stage, allowed_networks, decide, peer_group
 from .config import Config, load_config
 from .errors import ConfigError, Exit, Outcome
 from .listen import ListenError, adopt_fd, bind_listen, monotonic_usec, sd_notify, sock_name
@@ -70,17 +68,14 @@ ACCEPT_LOG_INTERVAL = 60.0
 KILL_AFTER = 5.0
 #: Connections accepted per listener per wake-up, so that one busy listener cannot starve the rest.
 ACCEPT_BATCH = 32
-#: The one byte a child writes to its pipe after ``235``.
-_AUTHENTICATED = b"A"
+#: The bytes a child writes to its pipe: a whole HELLO is in; its ``235`` is out.
+_HELLO, _AUTHENTICATED = b"H", b"A"
 
 
 @dataclass
-class _Child:
-    pid: int
-    peer: str | None
-    started: float
-    pipe: int | None  # read end; None once closed
-    authenticated: bool = False
+class _Child(Slot):
+    peer: str | None = None
+    pipe: int | None = None  # read end; None once closed
 
 
 @dataclass
@@ -101,6 +96,7 @@ class Server:
                  boxes: frozenset[str] | None = None, debug: bool = False) -> None:
         self.config_path = config_path
         self.cfg = cfg
+        self._networks = allowed_networks(cfg, boxes)
         self.log = log
         self.boxes = boxes
         self.debug = debug
@@ -203,9 +199,11 @@ class Server:
             return
         except OSError:
             data = b""
+        if _HELLO in data and child.stage is Stage.SILENT:
+            child.stage = Stage.HELLO
         if _AUTHENTICATED in data:
-            child.authenticated = True
-        if not data or child.authenticated:
+            child.stage = Stage.AUTHENTICATED
+        if not data or child.stage is Stage.AUTHENTICATED:
             os.close(child.pipe)
             child.pipe = None
 
@@ -234,38 +232,47 @@ class Server:
                            reason=f"{self.stats.accept_errors} failures so far; pausing "
                                   f"{ACCEPT_BACKOFF:g} s after each, logged once a minute")
 
-    def busy_reason(self, peer: str | None) -> str | None:
-        """Which limit of rstash-recv(8) a new connection from ``peer`` would break, if any."""
-        cfg = self.cfg
-        if len(self.children) >= cfg.max_sessions:
-            return "max_sessions"
-        pre = [c for c in self.children.values() if not c.authenticated]
-        if len(pre) >= max(1, cfg.max_sessions // 4):
-            return "preauth_sessions"
-        if sum(1 for c in pre if c.peer == peer) >= cfg.max_preauth_per_peer:
-            return "max_preauth_per_peer"
-        return None
-
     def _handle(self, conn: socket.socket, addr: Any) -> None:
         peer = peer_address(conn.fileno())
-        reason = self.busy_reason(peer)
-        if reason is not None:
-            self._refuse(conn, peer, reason)
+        for child in list(self.children.values()):  # the latest word from every child first
+            if child.pipe is not None and child.stage is Stage.SILENT:
+                self._read_child_pipe(child)
+        cfg = self.cfg
+        verdict = decide(self.children.values(), peer, time.monotonic(),
+                         max_sessions=cfg.max_sessions, networks=self._networks,
+                         max_preauth_per_peer=cfg.max_preauth_per_peer)
+        if not verdict.admit:
+            self._refuse(conn, peer, verdict.reason or "busy", busy=verdict.busy)
             return
+        if isinstance(verdict.evict, _Child):
+            self._evict(verdict.evict)
         try:
             self._fork(conn, peer)
         except OSError as e:
             self._refuse(conn, peer, f"fork failed: {e.strerror}")
 
-    def _refuse(self, conn: socket.socket, peer: str | None, reason: str) -> None:
-        """``421 busy`` and close, without blocking: a fresh socket's send buffer has room."""
-        self.stats.busy += 1
-        busy = Outcome.BUSY
-        self.log.warning(event="session", peer=peer or "unknown", outcome=busy.log,
-                         code=busy.code, reason=reason)
+    def _evict(self, child: _Child) -> None:
+        """End a silent child to make room (rstash.admission); its peer is logged ``silent``."""
+        child.evicted = True
+        silent_for = time.monotonic() - child.started
+        self.log.warning(event="session", peer=child.peer or "unknown", outcome="silent",
+                         reason="evicted", detail=f"pid {child.pid} silent {silent_for:.1f} s "
+                                                  "while the pre-auth share was full")
+        try:
+            os.kill(child.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+    def _refuse(self, conn: socket.socket, peer: str | None, reason: str, busy: bool = True) -> None:
+        """``421 busy`` (or nothing) and close, without blocking: a fresh socket's send buffer has room."""
+        self.stats.busy += busy
+        self.log.warning(event="session", peer=peer or "unknown",
+                         outcome=Outcome.BUSY.log if busy else "refused",
+                         code=Outcome.BUSY.code if busy else None, reason=reason)
         try:
             conn.setblocking(False)
-            conn.send(wire.line(busy.line))
+            if busy:
+                conn.send(wire.line(Outcome.BUSY.line))
             conn.shutdown(socket.SHUT_WR)
             # Unread bytes at close() turn the FIN into a RST, which may destroy the
             # 421 line before the client reads it: take what has already arrived.
@@ -294,7 +301,7 @@ class Server:
         os.close(pipe_w)
         conn.close()
         os.set_blocking(pipe_r, False)
-        self.children[pid] = _Child(pid, peer, time.monotonic(), pipe_r)
+        self.children[pid] = _Child(pid, peer_group(peer), time.monotonic(), peer=peer, pipe=pipe_r)
         self.stats.sessions += 1
         self.log.debug(event="session", peer=peer, outcome="forked", detail=f"pid {pid}")
 
@@ -315,15 +322,13 @@ class Server:
         os.close(self._wake_r)
         os.close(self._wake_w)
 
-        def authenticated() -> None:
+        def tell(stage: str) -> None:
             try:
-                os.write(pipe_w, _AUTHENTICATED)
-                os.close(pipe_w)
+                os.write(pipe_w, _HELLO if stage == "hello" else _AUTHENTICATED)
             except OSError:
                 pass
 
-        return run_session(cfg, self.log, conn.fileno(), peer=peer, boxes=self.boxes,
-                           on_authenticated=authenticated)
+        return run_session(cfg, self.log, conn.fileno(), peer=peer, boxes=self.boxes, on_stage=tell)
 
     # -- children --
 
@@ -343,7 +348,7 @@ class Server:
                 # The byte may still be in the pipe; it no longer matters.
                 os.close(child.pipe)
             code = os.waitstatus_to_exitcode(status)
-            if code < 0:
+            if code < 0 and not child.evicted:
                 self.log.warning(event="session", peer=child.peer, outcome="killed",
                                  detail=f"pid {pid} killed by signal {-code}")
             else:
@@ -378,6 +383,7 @@ class Server:
             if not self.debug:
                 self.log = Logger(new.log, new.log_level, new.syslog_facility)
             self.cfg = new
+            self._networks = allowed_networks(new, self.boxes)
             for warning in new.warnings:
                 self.log.warning(event="reload", outcome="warning", detail=warning)
             self.log.info(event="reload", outcome="ok", detail=f"{len(new.boxes)} boxes",

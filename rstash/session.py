@@ -61,7 +61,7 @@ class _FileState:
 class ServerSession:
     def __init__(self, cfg: Config, stream: FdStream, log: Logger, *, peer: str | None = None,
                  allowed_boxes: frozenset[str] | None = None,
-                 on_authenticated: Callable[[], None] | None = None) -> None:
+                 on_stage: Callable[[str], None] | None = None) -> None:
         self.cfg = cfg
         self.stream = stream
         self.log = log
@@ -77,8 +77,9 @@ class ServerSession:
         self.store: Any = None
         self.hooks: Any = None
         self.mode = "interactive"
-        #: called once the 235 line is out (the accept loop counts pre-auth sessions)
-        self.on_authenticated = on_authenticated
+        #: told "hello" once a whole HELLO is in, "authenticated" once the 235 line is out
+        #: (the accept loop counts pre-auth sessions and ends silent ones first)
+        self.on_stage = on_stage or (lambda _stage: None)
         self.deliveries = DeliveryLog(cfg.state_dir, log, peer=peer)
         #: the file being received (FILE seen, END or ABORT not yet)
         self._cur: _FileState | None = None
@@ -154,6 +155,7 @@ class ServerSession:
             self.result.status = Exit.REFUSED
             return
         assert isinstance(event, wire.Hello)
+        self.on_stage("hello")
         if not self._judge_hello(event, greeting.encode("ascii")):
             return
         self._serve_files()
@@ -181,8 +183,7 @@ class ServerSession:
                 self._refuse_pipe(refusal)
                 return False
         self.send(wire.auth_ok_line(keys))
-        if self.on_authenticated is not None:
-            self.on_authenticated()
+        self.on_stage("authenticated")
         # An interactive session's time is not checked (its proof binds our challenge);
         # it is logged, so a client with a wrong clock can be found.
         self.log.info(event="session", box=box.name, peer=self.peer,
@@ -408,6 +409,8 @@ class ServerSession:
                                sha256=sha256)
 
     def _log_session(self, outcome: Outcome, **extra: Any) -> None:
+        if outcome in (Outcome.TIMEOUT, Outcome.TRUNCATED) and self.stream.bytes_in == 0:
+            outcome = Outcome.SILENT  # never a byte: fail2ban counts these apart (rstash-recv(8))
         self.result.outcome = outcome.log
         word = outcome.log
         if outcome is Outcome.COMPLETE:
@@ -432,7 +435,7 @@ class ServerSession:
 
 def run_session(cfg: Config, log: Logger, rfd: int, wfd: int | None = None, *,
                 peer: str | None, boxes: frozenset[str] | None,
-                on_authenticated: Callable[[], None] | None = None) -> int:
+                on_stage: Callable[[str], None] | None = None) -> int:
     """Run one session on ``rfd`` (and ``wfd``, for a pipe pair) and return its exit status.
 
     The one top-level handler of every deployment shape (stdio, a connected
@@ -440,7 +443,7 @@ def run_session(cfg: Config, log: Logger, rfd: int, wfd: int | None = None, *,
     """
     try:
         return ServerSession(cfg, FdStream(rfd, wfd), log, peer=peer, allowed_boxes=boxes,
-                             on_authenticated=on_authenticated).run().status
+                             on_stage=on_stage).run().status
     except Exception as e:
         log.error(event="session", outcome="error", peer=peer, detail=f"{type(e).__name__}: {e}")
         return Exit.LOCAL

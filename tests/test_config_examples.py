@@ -142,3 +142,39 @@ def test_the_inetd_lines_name_the_service_user_and_the_program() -> None:
     assert any(f[3].startswith("nowait") for f in lines) and any(f[3].startswith("wait") for f in lines)
     services = (CONFIG / "services").read_text(encoding="utf-8")
     assert re.search(r"^rstash\s+7370/tcp", services, re.M)
+
+
+def _fail2ban_matches(regex: str, log: Path, filter_name: str) -> int:
+    out = subprocess.run([regex, str(log), str(CONFIG / "fail2ban/filter.d" / filter_name)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    m = re.search(r"Lines: (\d+) lines, \d+ ignored, (\d+) matched", out.stdout)
+    assert m is not None, out.stdout
+    return int(m.group(2))
+
+
+def test_the_silent_filter_matches_real_silent_sessions_and_the_auth_filter_does_not(
+        e2e_dir: Path, e2e_venv: Path, service_user: ServiceUser) -> None:
+    regex = need_program("fail2ban-regex")
+    box = make_box(e2e_dir, "vm1")
+    conf = write_config(e2e_dir, [box], preauth_timeout=1)
+    log = e2e_dir / "rstash-recv.log"
+    env = service_user.env(SSH_CONNECTION="192.0.2.78 40000 127.0.0.1 22")
+    argv = service_user.wrap([venv_bin(e2e_venv, "rstash-recv"), "-c", str(conf)])
+    # One peer closes after the greeting (a health check), one says nothing until the deadline.
+    for close_at_once in (True, False):
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            assert proc.stdout.readline().startswith(b"220 rstash/1 ")
+            if not close_at_once:
+                assert proc.stdout.readline() == b"421 timeout\r\n"
+        finally:
+            proc.stdin.close()
+            proc.wait(timeout=30)
+            proc.stdout.close()
+    lines = log.read_text(encoding="utf-8").splitlines()
+    silent = [line for line in lines if "outcome=silent" in line]
+    assert len(silent) == 2 and all("peer=192.0.2.78" in line for line in silent), lines
+    assert _fail2ban_matches(regex, log, "rstash-silent.conf") == 2
+    assert _fail2ban_matches(regex, log, "rstash.conf") == 0
