@@ -44,7 +44,7 @@ __all__ = ["SILENT_GRACE", "SILENT_LONG", "Decision", "Slot", "Stage", "allowed_
 #: honest client on the other side of the world is well under a second.
 SILENT_GRACE = 1.0
 #: A session silent this long may be ended for a group holding just one slot fewer.
-SILENT_LONG = 5.0
+SILENT_LONG = 2.0
 #: Why a peer outside every served box's allow_from is refused.
 NOT_ALLOWED = "peer not in allow_from"
 
