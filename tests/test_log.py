@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from rstash.log import PEER_CUT, Logger, format_fields, quote
 
 
@@ -37,3 +39,28 @@ def test_a_file_target_gets_one_line_per_event_and_follows_rotation(tmp_path: Pa
     lines = path.read_text().splitlines()
     assert len(lines) == 1 and "warning event=two" in lines[0]
     assert "hidden" not in (tmp_path / "recv.log.1").read_text()
+
+
+def test_auto_with_no_syslog_and_stderr_on_dev_null_writes_the_fallback_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Under inetd without a syslog daemon, stderr (the connection) is /dev/null.
+    from rstash import log as logmod
+
+    monkeypatch.setattr(logmod, "DEV_LOG", str(tmp_path / "no-dev-log"))
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    fallback = tmp_path / "state" / "rstash-recv.log"
+    fallback.parent.mkdir()
+    saved = os.dup(2)
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        log = logmod.Logger("auto", fallback=logmod.fallback_path(fallback.parent))
+        log.info(event="session", outcome="complete")
+        assert log.target == str(fallback)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+    assert "info event=session outcome=complete" in fallback.read_text()
+    # With a usable stderr (a terminal, a file) auto stays on stderr.
+    assert logmod.Logger("auto", fallback=str(fallback)).target == "stderr"
