@@ -394,3 +394,15 @@ class StateUnavailable(RstashError):
     """The replay cache cannot answer: SQLite failed, or state_dir is unfit. Fails closed."""
 
     reply = Reply.LOCAL_ERROR
+
+
+def box_refusal(path: object, e: Refused | OSError) -> Refused:
+    """A file's refusal as the log must tell it: an I/O failure in the box names the box,
+    the errno and the command that finds the cause (``--check-config``)."""
+    if isinstance(e, OSError):
+        return Refused(Outcome.LOCAL_ERROR, box_write_failure(path, e))
+    cause = e.__cause__
+    if e.outcome is Outcome.LOCAL_ERROR and isinstance(cause, OSError):
+        what = e.detail.split(":", 1)[0]  # "create temp: strerror": the step, then the rest
+        return Refused(Outcome.LOCAL_ERROR, f"{what}: {box_write_failure(path, cause)}")
+    return e

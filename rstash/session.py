@@ -29,6 +29,7 @@ from .errors import (
     Reply,
     RstashError,
     TransportError,
+    box_refusal,
     box_write_failure,
 )
 from .hello import HelloJudge, Verdict
@@ -281,11 +282,8 @@ class ServerSession:
             return st
         try:
             upload = self.store.begin(st.name, hdr.size)
-        except Refused as e:
-            self._refuse(st, e)
-            return st
-        except OSError as e:
-            self._refuse(st, Refused(Outcome.LOCAL_ERROR, box_write_failure(box.path, e)))
+        except (Refused, OSError) as e:
+            self._refuse(st, box_refusal(box.path, e))
             return st
         if hdr.dry_run:
             upload.abort()
