@@ -53,7 +53,8 @@ def test_the_example_config_has_no_box_and_takes_the_documented_one(
 
     def moved(text: str) -> str:
         return (text.replace("/srv/rstash", f"{e2e_dir}/srv").replace("/etc/rstash/keys", f"{e2e_dir}/keys")
-                .replace("/var/lib/rstash", f"{e2e_dir}/state"))
+                .replace("/var/lib/rstash", f"{e2e_dir}/state")
+                .replace('# service_user = "rstash"', f'service_user = "{service_user.name}"'))
 
     shipped = (CONFIG / "rstash-recv.toml").read_text(encoding="utf-8")
     conf = e2e_dir / "rstash-recv.toml"
@@ -62,6 +63,7 @@ def test_the_example_config_has_no_box_and_takes_the_documented_one(
     from rstash.config import load_config
 
     assert load_config(conf).boxes == {}
+    assert load_config(conf).service_user == service_user.name  # the line to uncomment
     proc = subprocess.run([recv, "-c", str(conf), "-t"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
