@@ -185,14 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         for problem in e.problems:
             _err(problem)
         if _serving(args):
-            # Under inetd stderr is /dev/null: say it where an admin will look too.
-            from .log import Logger, fallback_path
-            from .settings import ServerSettings
-
-            # The config's own state_dir is unknown here: the default's fallback file.
-            log = Logger("auto", fallback=fallback_path(ServerSettings().state_dir))
-            for problem in e.problems:
-                log.error(event="config", outcome="error", detail=problem)
+            log_config_problems(args.config, e.problems)
         return Exit.LOCAL
     except RstashError as e:
         _err(e.message)
@@ -202,6 +195,26 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         _err(f"internal error: {type(e).__name__}: {e}")
         return Exit.LOCAL
+
+
+def log_config_problems(path: str, problems: list[str]) -> None:
+    """A serving process whose config does not load says so where an admin will look:
+    under inetd stderr is /dev/null, so ``auto`` with no syslog writes the fallback file
+    of the file's own state_dir when it can be read, else of the default one."""
+    import tomllib
+
+    from .log import Logger, fallback_path
+    from .settings import ServerSettings, check_abs_path
+
+    state_dir = ServerSettings().state_dir
+    try:
+        with open(path, "rb") as f:
+            state_dir = check_abs_path(tomllib.load(f).get("state_dir", str(state_dir)))
+    except (OSError, ValueError):  # tomllib's error is a ValueError too
+        pass
+    log = Logger("auto", fallback=fallback_path(state_dir))
+    for problem in problems:
+        log.error(event="config", outcome="error", detail=problem)
 
 
 def _serving(args: argparse.Namespace) -> bool:
