@@ -52,8 +52,9 @@ def check_log_target(cfg: Config, user: ServiceUser, report: Report) -> None:
     fallback = fallback_path(cfg.state_dir)
     problem = _file_problem(Path(fallback), user)
     if problem is None:
-        report.add(None, "info", f"log auto: {journal}no {DEV_LOG}: to stderr when it is "
-                                 f"a terminal or a file, else (inetd, ssh) to {fallback}")
+        report.add(None, "info", f"log auto: {journal}no {DEV_LOG}: to standard error when "
+                                 "it is open (a terminal, a file, ssh's), else (under inetd, "
+                                 f"where it is the connection) to {fallback}")
     else:
         report.add(None, "error", f"log auto: no syslog socket {DEV_LOG} and the fallback "
                                   f"{problem}: under inetd every line would be lost "
