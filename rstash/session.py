@@ -86,8 +86,7 @@ class ServerSession:
         #: the file being received (FILE seen, END or ABORT not yet)
         self._cur: _FileState | None = None
         self.judge = HelloJudge(cfg, {}, allowed_boxes=allowed_boxes)
-        #: key files refused when the keys were loaded, per box (logged, never told the peer)
-        self.unusable_keys: UnusableKeys = {}
+        self.unusable_keys: UnusableKeys = {}  # refused key files, per box: the log's only
         #: verified files (END checked) whose commit, directory fsync and reply are pending
         self._ended: list[tuple[_FileState, Any, wire.End]] = []
 
