@@ -8,7 +8,8 @@ exit statuses 0 (all is well) and 1 (a problem was found).
 It must never change anything: no box is opened for writing, no key is
 written, no directory is created, and the state database is opened read-only
 (``--status`` run as root must never leave a file the service user cannot
-write). It never switches users: ``--user`` is judged from permission bits.
+write). It never switches users: the service user (``--user``, else the
+``service_user`` setting) is judged from permission bits.
 It is imported only for these commands (rstash-recv imports it lazily).
 
 Every function returns an exit status and prints its own problems: a config
@@ -49,27 +50,38 @@ def _err(line: str) -> None:
     sys.stderr.write(f"{PROG}: {line}\n")
 
 
-def test_config(path: str) -> int:
-    """``-t``: silent; exit 0 when every box can receive, else 1 and the errors on stderr."""
-    try:
-        user = resolve_user(None)
-    except KeyError as e:
-        _err(str(e.args[0]))
-        return Exit.REFUSED
+def test_config(path: str, user: str | None = None) -> int:
+    """``-t``: silent; exit 0 when every box can receive, else 1 and the errors on stderr.
+
+    One warning is printed too: run as root with no service user to check for.
+    """
+    if not _user_exists(user):
+        return Exit.LOCAL
     _, report = _run_checks(path, user)
     for line in report.problem_lines(("error",)):
         _err(line)
+    if report.root_warning is not None:
+        _err(f"warning: {report.root_warning}")
     return Exit.REFUSED if report.errors else Exit.OK
+
+
+def _user_exists(user: str | None) -> bool:
+    """``--user`` names an account (a typo is a usage error, exit 2, like before any check)."""
+    if user is None:
+        return True
+    try:
+        resolve_user(user)
+    except KeyError as e:
+        _err(str(e.args[0]))
+        return False
+    return True
 
 
 def check_config(path: str, *, as_json: bool, user: str | None) -> int:
     """``--check-config``: every box, key and problem; exit 0 when every box can receive."""
-    try:
-        who = resolve_user(user)
-    except KeyError as e:
-        _err(str(e.args[0]))
+    if not _user_exists(user):
         return Exit.LOCAL
-    cfg, report = _run_checks(path, who)
+    cfg, report = _run_checks(path, user)
     out = sys.stdout
     if as_json:
         json.dump(report.records, out, ensure_ascii=True, indent=1)

@@ -1,8 +1,9 @@
-"""--check-config's checks: every box, key and the state_dir judged for the service user.
+"""--check-config's checks: every box, key, the state_dir and the log judged for the service user.
 
 This module owns what ``-t`` and ``--check-config`` find (rstash-recv(8),
-ADMINISTRATION): box directories, key files, stale temps and state_dir,
-judged from permission bits for the service user, collected in a
+ADMINISTRATION): box directories, key files, stale temps, state_dir and
+the log target, judged from permission bits for the service user (``--user``,
+else the ``service_user`` setting), collected in a
 :class:`Report`. It must never change anything and never switch users.
 """
 
@@ -136,6 +137,10 @@ class Report:
     """Every finding of a check, in order."""
 
     records: list[dict[str, Any]] = field(default_factory=list)
+    #: whom the checks judged for (None when the config did not load or the user is unknown)
+    user: ServiceUser | None = None
+    #: the warning that no service user was named and root checked for itself
+    root_warning: str | None = None
 
     def add(self, box: str | None, level: Level, message: str) -> None:
         self.records.append({"box": box, "level": level, "message": " ".join(message.split())})
@@ -312,7 +317,7 @@ def _check_state_dir(cfg: Config, user: ServiceUser, report: Report) -> None:
     problem = _state_dir_problem(cfg.state_dir, user)
     pipe_boxes = sorted(b.name for b in cfg.boxes.values() if b.pipe_mode)
     if problem is None:
-        unchecked = " (owner not checked: pass --user)" if user.guessed_root else ""
+        unchecked = " (owner not checked: set service_user)" if user.guessed_root else ""
         report.add(None, "info", f"state_dir {cfg.state_dir}: ok{unchecked}")
     elif pipe_boxes:
         report.add(None, "error", f"state_dir {problem}: pipe mode needs it "
@@ -329,7 +334,9 @@ def _state_dir_problem(path: Path, user: ServiceUser) -> str | None:
     return check_state_dir(path, uid=user.uid, check_owner=not user.guessed_root)
 
 
-def _run_checks(path: str, user: ServiceUser) -> tuple[Config | None, Report]:
+def _run_checks(path: str, user_option: str | None) -> tuple[Config | None, Report]:
+    """Load ``path`` and check it for the service user: ``--user`` (``user_option``),
+    else the config's ``service_user``, else whoever runs the check."""
     report = Report()
     try:
         cfg = load_config(path)
@@ -338,17 +345,44 @@ def _run_checks(path: str, user: ServiceUser) -> tuple[Config | None, Report]:
             report.add(None, "error", problem)
         return None, report
     report.add(None, "info", f"config {cfg.source}")
-    report.add(None, "info", f"service user {user.name} (uid {user.uid})")
-    if user.guessed_root:
-        report.add(None, "info", "checked as root, who can read and write anything; "
-                                 "rstash-recv refuses to serve as root: pass --user NAME "
-                                 "to check for the service user")
+    user = _service_user(cfg, user_option, report)
+    if user is None:
+        return cfg, report
+    report.user = user
     for warning in cfg.warnings:
         report.add(None, "warning", warning)
     _check_state_dir(cfg, user, report)
+    from rstash.logcheck import check_log_target
+
+    check_log_target(cfg, user, report)
     for box in sorted(cfg.boxes.values(), key=lambda b: b.name):
         _check_box(box, cfg, user, report)
     return cfg, report
+
+
+def _service_user(cfg: Config, user_option: str | None, report: Report) -> ServiceUser | None:
+    """The account every check is about; None (and an error) when it does not exist."""
+    if user_option is not None:
+        name, origin = user_option, f"--user {user_option}"
+    elif cfg.service_user:
+        name, origin = cfg.service_user, f"service_user = {json.dumps(cfg.service_user)}"
+    else:
+        name, origin = None, ""
+    try:
+        user = resolve_user(name)
+    except KeyError:
+        report.add(None, "error", f"{origin}: no such user (create it, or correct "
+                                  f"service_user in {cfg.source})")
+        return None
+    source = " from service_user" if user_option is None and cfg.service_user else ""
+    report.add(None, "info", f"service user {user.name} (uid {user.uid}){source}")
+    if user.guessed_root:
+        report.root_warning = (f"checked as root, who can read and write anything, but "
+                               f"rstash-recv never serves as root: set service_user in "
+                               f"{cfg.source} (or pass --user NAME) to check box, state_dir, "
+                               "log and key files for the service user")
+        report.add(None, "warning", report.root_warning)
+    return user
 
 
 # ---------------------------------------------------------------------------

@@ -20,6 +20,7 @@ This module must never import another rstash module.
 
 from __future__ import annotations
 
+import errno
 from enum import Enum, IntEnum
 
 
@@ -255,6 +256,12 @@ class RstashError(Exception):
         return str(self.args[0]) if self.args else type(self).__name__
 
 
+def box_write_failure(path: object, e: OSError) -> str:
+    """A box the service user cannot write into: the path, the errno and the command to run."""
+    name = errno.errorcode.get(e.errno or 0, str(e.errno))
+    return f"cannot write into {path}: {e.strerror or e} ({name}); run rstash-recv --check-config"
+
+
 class UsageError(RstashError):
     """A bad option or argument."""
 
@@ -274,9 +281,18 @@ class ConfigError(RstashError):
 
 
 class KeyFileError(RstashError):
-    """A key file is missing, unsafe or malformed."""
+    """A key file is missing, unsafe or malformed. ``path`` and ``why``: which, and why."""
 
     exit_status = Exit.LOCAL
+    path: str | None = None
+    why: str | None = None
+
+    @classmethod
+    def at(cls, path: str, why: str) -> KeyFileError:
+        """``PATH: why``, with both kept for the log."""
+        err = cls(f"{path}: {why}")
+        err.path, err.why = path, why
+        return err
 
 
 class ProtocolError(RstashError):
@@ -378,3 +394,15 @@ class StateUnavailable(RstashError):
     """The replay cache cannot answer: SQLite failed, or state_dir is unfit. Fails closed."""
 
     reply = Reply.LOCAL_ERROR
+
+
+def box_refusal(path: object, e: Refused | OSError) -> Refused:
+    """A file's refusal as the log must tell it: an I/O failure in the box names the box,
+    the errno and the command that finds the cause (``--check-config``)."""
+    if isinstance(e, OSError):
+        return Refused(Outcome.LOCAL_ERROR, box_write_failure(path, e))
+    cause = e.__cause__
+    if e.outcome is Outcome.LOCAL_ERROR and isinstance(cause, OSError):
+        what = e.detail.split(":", 1)[0]  # "create temp: strerror": the step, then the rest
+        return Refused(Outcome.LOCAL_ERROR, f"{what}: {box_write_failure(path, cause)}")
+    return e

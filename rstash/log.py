@@ -2,7 +2,9 @@
 
 Targets: ``stderr``, ``syslog``, a file path (reopened when logrotate moved it),
 or ``auto`` (journald when JOURNAL_STREAM names fd 2, else syslog when
-/dev/log exists, else stderr). Peer-supplied strings are JSON-escaped and cut
+/dev/log is a socket, else stderr when it is open and not /dev/null, else the
+fallback file ``<state_dir>/rstash-recv.log``: under inetd with no syslog
+daemon, lines are never lost silently). Peer-supplied strings are JSON-escaped and cut
 at 300 bytes so that a hostile name can neither forge a log line nor flood it.
 This module never writes to the connection and never logs a secret.
 """
@@ -12,15 +14,25 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import sys
 import time
-from typing import Any, TextIO
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from rstash.settings import ServerSettings
 
 PEER_CUT = 300
 #: A hook's output (field ``output``) is kept up to 4 KiB.
 OUTPUT_CUT = 4096
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 _SYSLOG_PRIO = {"debug": 7, "info": 6, "warning": 4, "error": 3}
+#: The file ``log = "auto"`` writes to, in state_dir, when there is no journal,
+#: no syslog socket and no usable stderr (rstash-recv(8) LOGGING).
+FALLBACK_NAME = "rstash-recv.log"
+DEV_LOG = "/dev/log"
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
 _SAFE = re.compile(r"[A-Za-z0-9._\-:/+@,=~]+")
 
 
@@ -50,10 +62,10 @@ class Logger:
     """Writes log lines to one target; ``emit`` never raises."""
 
     def __init__(self, target: str = "stderr", level: str = "info", facility: str = "daemon",
-                 ident: str = "rstash-recv") -> None:
+                 ident: str = "rstash-recv", fallback: str | None = None) -> None:
         self.level = LEVELS.get(level, 20)
         self.ident = ident
-        self.target = _resolve(target)
+        self.target = resolve_target(target, fallback)
         self.facility = facility
         self._file: TextIO | None = None
         self._ino: tuple[int, int] | None = None
@@ -122,7 +134,40 @@ class Logger:
         self._file.flush()
 
 
-def _resolve(target: str) -> str:
+def fallback_path(state_dir: Path | str) -> str:
+    """Where ``log = "auto"`` writes when nothing else would take the lines."""
+    return str(Path(state_dir) / FALLBACK_NAME)
+
+
+def server_logger(settings: ServerSettings) -> Logger:
+    """The serving process's logger as rstash-recv.toml(5) configures it."""
+    return Logger(settings.log, settings.log_level, settings.syslog_facility,
+                  fallback=fallback_path(settings.state_dir))
+
+
+def is_socket_path(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def stderr_usable() -> bool:
+    """Whether fd 2 is open and not /dev/null (where recv's start-up points a connection)."""
+    try:
+        st = os.fstat(2)
+        null = os.stat(os.devnull)
+    except OSError:
+        return False
+    return not (stat.S_ISCHR(st.st_mode) and st.st_rdev == null.st_rdev)
+
+
+def resolve_target(target: str, fallback: str | None = None) -> str:
+    """What ``target`` means here: ``journal``, ``syslog``, ``stderr`` or a file path.
+
+    ``auto`` with neither journal, syslog socket nor usable stderr is ``fallback``
+    (when given), so that a serving process's lines always reach a documented place.
+    """
     if target != "auto":
         return target
     stream = os.environ.get("JOURNAL_STREAM", "")
@@ -134,6 +179,8 @@ def _resolve(target: str) -> str:
                 return "journal"
         except (ValueError, OSError):
             pass
-    if os.path.exists("/dev/log"):
+    if is_socket_path(DEV_LOG):
         return "syslog"
+    if fallback is not None and not stderr_usable():
+        return fallback
     return "stderr"

@@ -71,7 +71,7 @@ USAGE = """\
 rstash-recv [-c FILE] [--box NAME]... [--debug]
 rstash-recv [-c FILE] --listen [HOST:]PORT ...
 rstash-recv [-c FILE] --check-config [--json] [--user NAME]
-rstash-recv [-c FILE] -t
+rstash-recv [-c FILE] -t [--user NAME]
 rstash-recv [-c FILE] --dump-config [--json]
 rstash-recv [-c FILE] --status [BOX] [--json] [--stale-after DURATION]
             [--critical-after DURATION] [--expect BOX:PATTERN>=SIZE]...
@@ -121,7 +121,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", metavar="FILE",
                    help="with --metrics: replace FILE atomically (mode 0644) instead of printing")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--user", metavar="NAME", help="with --check-config: the service user to check for")
+    p.add_argument("--user", metavar="NAME", help="with --check-config or -t: the service user to check for "
+                        "(overrides the service_user setting)")
     p.add_argument("--gen-key", metavar="FILE", help="write a new key (never overwrites); - for stdout")
     p.add_argument("--comment", metavar="TEXT", default="", help="comment for --gen-key")
     p.add_argument("--fingerprint", metavar="FILE", help="print a key file's fingerprint")
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             from . import admin  # type: ignore[attr-defined,unused-ignore]
 
             if args.test_config:
-                return int(admin.test_config(args.config))
+                return int(admin.test_config(args.config, args.user))
             if args.check_config:
                 return int(admin.check_config(args.config, as_json=args.json, user=args.user))
             if args.dump_config:
@@ -184,11 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         for problem in e.problems:
             _err(problem)
         if _serving(args):
-            # Under inetd stderr is /dev/null: say it where an admin will look too.
-            from .log import Logger
-
-            for problem in e.problems:
-                Logger("auto").error(event="config", outcome="error", detail=problem)
+            log_config_problems(args.config, e.problems)
         return Exit.LOCAL
     except RstashError as e:
         _err(e.message)
@@ -198,6 +195,26 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         _err(f"internal error: {type(e).__name__}: {e}")
         return Exit.LOCAL
+
+
+def log_config_problems(path: str, problems: list[str]) -> None:
+    """A serving process whose config does not load says so where an admin will look:
+    under inetd stderr is /dev/null, so ``auto`` with no syslog writes the fallback file
+    of the file's own state_dir when it can be read, else of the default one."""
+    import tomllib
+
+    from .log import Logger, fallback_path
+    from .settings import ServerSettings, check_abs_path
+
+    state_dir = ServerSettings().state_dir
+    try:
+        with open(path, "rb") as f:
+            state_dir = check_abs_path(tomllib.load(f).get("state_dir", str(state_dir)))
+    except (OSError, ValueError):  # tomllib's error is a ValueError too
+        pass
+    log = Logger("auto", fallback=fallback_path(state_dir))
+    for problem in problems:
+        log.error(event="config", outcome="error", detail=problem)
 
 
 def _serving(args: argparse.Namespace) -> bool:
@@ -225,7 +242,7 @@ def _serve(args: argparse.Namespace) -> int:
     os.environ["PYDANTIC_DISABLE_PLUGINS"] = "__all__"
     from .config import load_config
     from .errors import Exit
-    from .log import Logger
+    from .log import Logger, server_logger
     from .transport import is_listening_socket, is_socket
 
     if os.geteuid() == 0:
@@ -235,7 +252,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.debug:
         log = Logger("stderr", "debug", cfg.syslog_facility)
     else:
-        log = Logger(cfg.log, cfg.log_level, cfg.syslog_facility)
+        log = server_logger(cfg)
     boxes = frozenset(args.box) if args.box else None
     listen: list[str] = args.listen or []
     fds = _listen_fds()

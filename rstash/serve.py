@@ -52,7 +52,7 @@ from .admission import Slot, Stage, allowed_networks, decide, peer_group
 from .config import Config, load_config
 from .errors import ConfigError, Exit, Outcome
 from .listen import ListenError, adopt_fd, bind_listen, monotonic_usec, sd_notify, sock_name
-from .log import Logger
+from .log import Logger, server_logger
 from .session import run_session
 from .transport import peer_address
 
@@ -381,7 +381,7 @@ class Server:
                                detail=f"{type(e).__name__}: {e}; the old configuration stays in force")
                 return False
             if not self.debug:
-                self.log = Logger(new.log, new.log_level, new.syslog_facility)
+                self.log = server_logger(new)
             self.cfg = new
             self._networks = allowed_networks(new, self.boxes)
             for warning in new.warnings:

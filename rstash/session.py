@@ -29,9 +29,11 @@ from .errors import (
     Reply,
     RstashError,
     TransportError,
+    box_refusal,
+    box_write_failure,
 )
 from .hello import HelloJudge, Verdict
-from .keys import load_box_keys
+from .keys import UnusableKeys, load_box_keys, why_auth_failed
 from .log import Logger
 from .names import check_name
 from .transport import FdStream
@@ -84,6 +86,7 @@ class ServerSession:
         #: the file being received (FILE seen, END or ABORT not yet)
         self._cur: _FileState | None = None
         self.judge = HelloJudge(cfg, {}, allowed_boxes=allowed_boxes)
+        self.unusable_keys: UnusableKeys = {}  # refused key files, per box: the log's only
         #: verified files (END checked) whose commit, directory fsync and reply are pending
         self._ended: list[tuple[_FileState, Any, wire.End]] = []
 
@@ -145,7 +148,7 @@ class ServerSession:
             pass
 
     def _run(self) -> None:
-        self.judge.box_keys = load_box_keys(self.cfg, self.log)
+        self.judge.box_keys = load_box_keys(self.cfg, self.log, self.unusable_keys)
         challenge = secrets.token_bytes(32)
         greeting = wire.greeting_line(challenge)
         self.send(wire.line(greeting))
@@ -167,7 +170,8 @@ class ServerSession:
         if verdict.outcome is not None or verdict.keys is None or verdict.box is None:
             self.log.warning(event="auth", outcome=Outcome.AUTH_FAILED.log,
                              code=Outcome.AUTH_FAILED.code, peer=self.peer or "unknown",
-                             box=hello.box, mode=self.mode, reason=verdict.reason)
+                             box=hello.box, mode=self.mode,
+                             **why_auth_failed(verdict.reason, hello.box, self.unusable_keys))
             # Authentication failures go to the log (fail2ban reads it), never to the
             # delivery database: a peer without a key must not be able to grow it.
             self.send(wire.line(Outcome.AUTH_FAILED.line))
@@ -212,7 +216,7 @@ class ServerSession:
         try:
             self.store = BoxStore(box.path, box)
         except (RstashError, OSError) as e:
-            detail = e.message if isinstance(e, RstashError) else f"{box.path}: {e.strerror}"
+            detail = e.message if isinstance(e, RstashError) else box_write_failure(box.path, e)
             failed = Outcome.SESSION_ERROR
             self.log.error(event="session", box=box.name, outcome=failed.log, code=failed.code,
                            detail=detail)
@@ -277,11 +281,8 @@ class ServerSession:
             return st
         try:
             upload = self.store.begin(st.name, hdr.size)
-        except Refused as e:
-            self._refuse(st, e)
-            return st
-        except OSError as e:
-            self._refuse(st, Refused(Outcome.LOCAL_ERROR, e.strerror or str(e)))
+        except (Refused, OSError) as e:
+            self._refuse(st, box_refusal(box.path, e))
             return st
         if hdr.dry_run:
             upload.abort()

@@ -141,7 +141,8 @@ def mode_problem(mode: int) -> str | None:
 def _file_mode(value: object) -> int:
     if not isinstance(value, str):
         # An integer is refused: TOML's 640 would be decimal, silently 0o1200.
-        raise ValueError(f"must be an octal string like \"0640\", not {toml_kind(value)}")
+        raise ValueError(f"must be a quoted octal string, e.g. file_mode = \"0640\", "
+                         f"not {toml_kind(value)}")
     if not _FILE_MODE_RE.match(value):
         raise ValueError(f"must be an octal string like \"0640\", not {value!r}")
     mode = int(value, 8)
@@ -202,6 +203,13 @@ def _log(value: object) -> str:
     return text
 
 
+def _service_user(value: object) -> str:
+    text = check_string(value, "a user name")
+    if not text or any(c.isspace() or not c.isprintable() or c == ":" for c in text):
+        raise ValueError(f"must be a user name like \"rstash\", not {text!r}")
+    return text
+
+
 def _server_id(value: object) -> str:
     text = check_string(value)
     if len(text.encode()) > 255:
@@ -243,6 +251,8 @@ class ServerSettings:
     max_preauth_per_peer: int = field(default=4, metadata=meta(_count))
     hook_timeout: float = field(default=60.0, metadata=meta(_duration))
     server_id: str = field(default="", metadata=meta(_server_id))
+    #: the account rstash-recv serves as; -t and --check-config judge every path for it
+    service_user: str = field(default="", metadata=meta(_service_user))
 
 
 @dataclass(frozen=True, slots=True)

@@ -64,6 +64,7 @@ def read_toml(file: str, problems: list[str]) -> dict[str, Any] | None:
         return None
 
 
+_UNQUOTED_MODE_RE = re.compile(r"\s*(file_mode)\s*=\s*([0-9]+)\s*(?:#.*)?\Z")
 _TOML_POS_RE = re.compile(r"(.*) \(at (?:line (\d+), column (\d+)|end of document)\)\Z", re.S)
 
 
@@ -74,6 +75,13 @@ def _toml_error(file: str, message: str, text: str) -> str:
         return problem_line(file, "", f"invalid TOML: {message}")
     msg, line, col = m.groups()
     msg = msg[:1].lower() + msg[1:]
+    if line is not None:
+        unquoted = _UNQUOTED_MODE_RE.match(text.splitlines()[int(line) - 1])
+        if unquoted is not None:
+            # TOML has no leading-zero integers: say what to write, not what the parser saw.
+            key, digits = unquoted.groups()
+            return problem_line(file, f"line {line}", f"{key} must be a quoted octal string, "
+                                                      f"e.g. {key} = \"{digits}\"")
     if line is None:
         last = max(1, len(text.splitlines()))
         return problem_line(file, f"line {last}", f"{msg} (at end of file)")

@@ -91,6 +91,7 @@ def good_config(site: Site, **box_extra: str) -> dict[str, str]:
     extra = "".join(f"{k} = {v}\n" for k, v in box_extra.items())
     site.write(f"""\
 state_dir = "{site.state}"
+log = "{site.root}/rstash-recv.log"
 idle_timeout = 60
 
 [defaults]
@@ -137,8 +138,20 @@ def records(out: str) -> list[dict[str, Any]]:
     return data
 
 
+#: Run as root with neither service_user nor --user, every check also warns that
+#: root can use anything (test_root_without_a_service_user_is_warned_about_it).
+ROOT_WARNING = "checked as root, who can read and write anything"
+ROOT_WARNINGS = int(os.geteuid() == 0)
+
+
 def problems(recs: list[dict[str, Any]], level: str) -> list[dict[str, Any]]:
-    return [r for r in recs if r["level"] == level]
+    """The records of ``level``, without the root warning."""
+    return [r for r in recs if r["level"] == level and not r["message"].startswith(ROOT_WARNING)]
+
+
+def quiet(err: str) -> str:
+    """-t's stderr without the root warning."""
+    return "".join(line for line in err.splitlines(keepends=True) if ROOT_WARNING not in line)
 
 
 def check_json(run: Run, *extra: str) -> tuple[int, list[dict[str, Any]]]:
@@ -162,7 +175,8 @@ def test_good_config_checks_clean_and_lists_every_box(site: Site, run: Run) -> N
     assert "limits max_file_size 50GiB, quota 500GiB, min_free none" in out
     assert f"256 {fps['vm1']} vm1 backups (rstash-hmac)" in out
     assert f"256 {fps['vm2']} no comment (rstash-hmac)" in out
-    assert "0 errors, 0 warnings; ok: 2 boxes can receive" in out
+    warnings = "1 warning" if ROOT_WARNINGS else "0 warnings"
+    assert f"0 errors, {warnings}; ok: 2 boxes can receive" in out
 
 
 def test_good_config_json_is_one_array_of_records(site: Site, run: Run) -> None:
@@ -179,7 +193,8 @@ def test_good_config_json_is_one_array_of_records(site: Site, run: Run) -> None:
 
 def test_t_is_silent_and_exits_0_on_a_good_config(site: Site, run: Run) -> None:
     good_config(site)
-    assert run("-t") == (0, "", "")
+    rc, out, err = run("-t")
+    assert (rc, out, quiet(err)) == (0, "", "")
 
 
 # --- every problem of rstash-recv.toml(5) ---------------------------------------------------
@@ -194,7 +209,7 @@ def test_missing_box_dir_is_an_error(site: Site, run: Run) -> None:
     assert e["box"] == "vm2" and "does not exist" in e["message"]
     rc, out, err = run("-t")
     assert (rc, out) == (1, "")
-    assert err == f"rstash-recv: error: box vm2: path {site.root}/boxes/vm2 does not exist " \
+    assert quiet(err) == f"rstash-recv: error: box vm2: path {site.root}/boxes/vm2 does not exist " \
                   "(rstash-recv never creates it)\n"
     rc, out, _ = run("--check-config")
     assert rc == 1
@@ -254,7 +269,9 @@ def test_unknown_user_is_a_usage_error(site: Site, run: Run) -> None:
 def test_box_and_keys_owned_by_the_service_user_check_clean(site: Site, run: Run) -> None:
     need_root()
     good_config(site)
-    for p in [site.root / "boxes" / "vm1", site.root / "boxes" / "vm2", site.state]:
+    (site.root / "rstash-recv.log").touch()
+    for p in [site.root / "boxes" / "vm1", site.root / "boxes" / "vm2", site.state,
+              site.root / "rstash-recv.log"]:
         os.chown(p, NOBODY, NOBODY)
     for k in (site.root / "keys").iterdir():  # the documented layout: root:rstash 0640
         os.chown(k, 0, NOBODY)
@@ -408,7 +425,7 @@ def test_key_on_two_boxes_is_a_warning(site: Site, run: Run) -> None:
     [w] = problems(recs, "warning")
     assert "also used by box vm1" in w["message"]
     rc, out, err = run("-t")
-    assert (rc, out, err) == (0, "", "")  # -t prints errors only
+    assert (rc, out, quiet(err)) == (0, "", "")  # -t prints errors only
 
 
 def test_overlapping_box_paths_are_a_config_error(site: Site, run: Run) -> None:
@@ -449,7 +466,7 @@ def test_stale_temp_is_a_warning_and_a_fresh_one_is_not(site: Site, run: Run) ->
     assert w["message"].startswith(f"stale temp file {stale} (10 B, 3 h old)")
     rc, out, _ = run("--check-config")
     assert rc == 0 and f"warning: box vm1: stale temp file {stale}" in out
-    assert "0 errors, 1 warning;" in out
+    assert f"0 errors, {1 + ROOT_WARNINGS} warning{'s' * ROOT_WARNINGS};" in out
 
 
 # --- -t as config management calls it --------------------------------------------------------
@@ -482,7 +499,7 @@ def test_t_validates_a_temp_file_with_a_relative_include(site: Site, tmp_path: P
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()
     done = recv_process("-t", "-c", str(tmp), cwd=elsewhere)
-    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+    assert (done.returncode, done.stdout, quiet(done.stderr)) == (0, "", "")
     # The include really was read: vm2 shows up in the effective settings.
     dump = recv_process("--dump-config", "--json", "-c", str(tmp), cwd=elsewhere)
     assert dump.returncode == 0
@@ -499,7 +516,7 @@ def test_t_survives_the_python_I_reexec(site: Site) -> None:
     good_config(site)
     env = _env() | {"PYTHONDONTWRITEBYTECODE": "1"}
     done = recv_process("-t", "-c", str(site.config), cwd=site.root, env=env)
-    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+    assert (done.returncode, done.stdout, quiet(done.stderr)) == (0, "", "")
 
 
 def test_include_with_a_duplicate_box_names_both_files(site: Site, run: Run) -> None:
@@ -729,3 +746,95 @@ def test_status_runs_as_a_subprocess_for_nagios(site: Site) -> None:
     done = recv_process("--status", "--stale-after", "26h", "-c", str(site.config), cwd=site.root)
     assert done.returncode == 1 and done.stdout.startswith("RSTASH WARNING - ")
     assert "STALE" in done.stdout and done.stderr == ""
+
+
+# --- the service user and the log target ------------------------------------------------------
+
+
+def test_root_without_a_service_user_is_warned_about_it(site: Site, run: Run) -> None:
+    need_root()
+    good_config(site)
+    rc, out, err = run("-t")
+    assert (rc, out) == (0, "")
+    assert err.startswith("rstash-recv: warning: checked as root") and "set service_user in" in err
+    rc, recs = check_json(run)
+    assert any(r["level"] == "warning" and "service_user" in r["message"] for r in recs)
+
+
+def test_service_user_setting_is_who_the_checks_are_for(site: Site, run: Run) -> None:
+    need_root()
+    good_config(site)  # a root-owned box and root-only keys: unusable by nobody
+    site.write(site.config.read_text().replace("idle_timeout = 60",
+                                               'idle_timeout = 60\nservice_user = "nobody"'))
+    rc, _, err = run("-t")
+    assert rc == 1 and "checked as root" not in err
+    assert f"box vm1: path {site.root}/boxes/vm1 is not writable by nobody" in err
+    assert f"key {site.root}/keys/vm1.key is not readable by nobody" in err
+    rc, recs = check_json(run)
+    assert rc == 1
+    assert any(r["message"] == "service user nobody (uid 65534) from service_user" for r in recs)
+    assert any(e["box"] is None and e["message"].startswith(f"log {site.root}/rstash-recv.log "
+                                                            "does not exist and its directory")
+               for e in problems(recs, "error"))
+    # --user overrides the setting.
+    rc, recs = check_json(run, "--user", "root")
+    assert rc == 0 and any(r["message"] == "service user root (uid 0)" for r in recs)
+
+
+def test_an_unknown_service_user_is_an_error(site: Site, run: Run) -> None:
+    good_config(site)
+    site.write(site.config.read_text().replace(
+        "idle_timeout = 60", 'idle_timeout = 60\nservice_user = "no-such-user-rstash"'))
+    rc, _, err = run("-t")
+    assert rc == 1
+    assert 'service_user = "no-such-user-rstash": no such user' in err
+
+
+def test_an_unwritable_log_file_is_an_error(site: Site, run: Run) -> None:
+    need_root()
+    good_config(site)
+    for p in [site.root / "boxes" / "vm1", site.root / "boxes" / "vm2", site.state]:
+        os.chown(p, NOBODY, NOBODY)
+    for k in (site.root / "keys").iterdir():
+        os.chown(k, 0, NOBODY)
+        k.chmod(0o640)
+    log = site.root / "rstash-recv.log"
+    log.touch(mode=0o644)  # root's: nobody cannot append
+    rc, recs = check_json(run, "--user", "nobody")
+    assert rc == 1
+    [e] = problems(recs, "error")
+    assert e["message"] == f"log {log} is not writable by nobody (owner root, mode 0644)"
+    os.chown(log, NOBODY, NOBODY)
+    assert check_json(run, "--user", "nobody")[0] == 0
+
+
+def test_syslog_without_a_socket_is_an_error(site: Site, run: Run,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from rstash import log
+
+    good_config(site)
+    site.write(site.config.read_text().replace(f'log = "{site.root}/rstash-recv.log"',
+                                               'log = "syslog"'))
+    monkeypatch.setattr(log, "DEV_LOG", str(site.root / "no-dev-log"))
+    rc, recs = check_json(run)
+    assert rc == 1
+    [e] = problems(recs, "error")
+    assert e["message"].startswith(f'log = "syslog": {site.root}/no-dev-log: No such file')
+
+
+def test_auto_without_syslog_names_the_fallback_file(site: Site, run: Run,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from rstash import log
+
+    good_config(site)
+    site.write(site.config.read_text().replace(f'log = "{site.root}/rstash-recv.log"\n', ""))
+    monkeypatch.setattr(log, "DEV_LOG", str(site.root / "no-dev-log"))
+    rc, recs = check_json(run)
+    assert rc == 0
+    assert any(r["message"].startswith("log auto:") and
+               r["message"].endswith(f"connection) to {site.state}/rstash-recv.log")
+               for r in recs)
+    site.state.rmdir()  # the fallback cannot be written either: lines would be lost
+    rc, recs = check_json(run)
+    assert rc == 1
+    assert any(e["message"].startswith("log auto: no syslog socket") for e in problems(recs, "error"))

@@ -507,6 +507,15 @@ def test_load_key_file_refuses_a_world_readable_file(
         auth.load_key_file(_write_key(tmp_path / "k", mode), client=client)
 
 
+def test_a_server_key_readable_by_others_says_how_to_fix_it(tmp_path: Path) -> None:
+    path = _write_key(tmp_path / "k", 0o644)
+    with pytest.raises(KeyFileError) as info:
+        auth.load_key_file(path)
+    assert info.value.path == str(path)
+    assert info.value.why == f"permissions 0644 are too open: a key must not be readable or " \
+                             f"writable by others (chmod 640 {path})"
+
+
 @pytest.mark.parametrize("mode", [0o640, 0o620, 0o602])
 def test_load_key_file_refuses_a_group_readable_or_writable_client_key(
         tmp_path: Path, mode: int) -> None:

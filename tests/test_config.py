@@ -349,6 +349,21 @@ def test_file_mode_with_execute_or_special_bits_is_refused(tmp_path: Path, text:
     assert problem.startswith(f"{cfg_path}: box.vm1.file_mode: ")
 
 
+@pytest.mark.parametrize(("text", "digits"), [("0640", "0640"), ("0600  # owner only", "0600")])
+def test_an_unquoted_file_mode_says_how_to_write_it(tmp_path: Path, text: str, digits: str) -> None:
+    # TOML has no leading-zero integers: the parser's own words would not help.
+    cfg_path = config_file(tmp_path, minimal_box() + f"file_mode = {text}\n")
+    [problem] = problems_of(cfg_path)
+    assert problem.startswith(f"{cfg_path}: line ")
+    assert problem.endswith(f': file_mode must be a quoted octal string, e.g. file_mode = "{digits}"')
+
+
+def test_an_integer_file_mode_says_how_to_write_it(tmp_path: Path) -> None:
+    cfg_path = config_file(tmp_path, minimal_box() + "file_mode = 640\n")
+    assert problems_of(cfg_path) == [f'{cfg_path}: box.vm1.file_mode: must be a quoted octal '
+                                     f'string, e.g. file_mode = "0640", not an integer']
+
+
 # --- errors: file, field, one line each ---------------------------------------------
 
 # (config text, extra files, expected problem: (file relative to tmp_path, field, words))

@@ -53,7 +53,8 @@ def test_the_example_config_has_no_box_and_takes_the_documented_one(
 
     def moved(text: str) -> str:
         return (text.replace("/srv/rstash", f"{e2e_dir}/srv").replace("/etc/rstash/keys", f"{e2e_dir}/keys")
-                .replace("/var/lib/rstash", f"{e2e_dir}/state"))
+                .replace("/var/lib/rstash", f"{e2e_dir}/state")
+                .replace('# service_user = "rstash"', f'service_user = "{service_user.name}"'))
 
     shipped = (CONFIG / "rstash-recv.toml").read_text(encoding="utf-8")
     conf = e2e_dir / "rstash-recv.toml"
@@ -62,6 +63,7 @@ def test_the_example_config_has_no_box_and_takes_the_documented_one(
     from rstash.config import load_config
 
     assert load_config(conf).boxes == {}
+    assert load_config(conf).service_user == service_user.name  # the line to uncomment
     proc = subprocess.run([recv, "-c", str(conf), "-t"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -127,6 +129,40 @@ def test_the_fail2ban_filter_matches_a_real_auth_failure_line(
     m = re.search(r"Lines: (\d+) lines, \d+ ignored, (\d+) matched", out.stdout)
     assert m is not None, out.stdout
     assert int(m.group(2)) == 1, out.stdout
+
+
+def test_the_fail2ban_filter_does_not_count_an_unusable_server_key(
+        e2e_dir: Path, e2e_venv: Path, service_user: ServiceUser) -> None:
+    # The client holds the right key; the server refuses its own copy (mode 0644).
+    regex = need_program("fail2ban-regex")
+    box = make_box(e2e_dir, "vm1")
+    os.chmod(box.server_key, 0o644)
+    conf = write_config(e2e_dir, [box])
+    log = e2e_dir / "rstash-recv.log"
+    env = service_user.env(SSH_CONNECTION="192.0.2.78 40000 127.0.0.1 22")
+    proc = subprocess.Popen(service_user.wrap([venv_bin(e2e_venv, "rstash-recv"), "-c", str(conf)]),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        greeting = proc.stdout.readline()
+        client = wire.ClientConnection(auth.Key(box.key), "vm1")
+        client.receive_data(greeting)
+        assert isinstance(client.next_event(), wire.Greeting)
+        proc.stdin.write(client.hello(secrets.token_bytes(32), 1767225600))
+        proc.stdin.flush()
+        assert proc.stdout.readline() == b"535 authentication failed\r\n"
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+        proc.stdout.close()
+    text = log.read_text(encoding="utf-8")
+    assert f'reason="key file unusable" path={box.server_key}' in text, text
+    out = subprocess.run([regex, str(log), str(CONFIG / "fail2ban/filter.d/rstash.conf")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    m = re.search(r"Lines: (\d+) lines, (\d+) ignored, (\d+) matched", out.stdout)
+    assert m is not None, out.stdout
+    assert (int(m.group(2)), int(m.group(3))) == (1, 0), out.stdout
 
 
 def test_the_inetd_lines_name_the_service_user_and_the_program() -> None:

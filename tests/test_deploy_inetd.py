@@ -127,11 +127,36 @@ def test_inetd_nowait_one_process_per_connection(
         p = send(spawn, e2e_venv, e2e_dir, wrong, box.url(port), bad)
         assert p.wait(STEP * 2) == 3, p.describe()
         assert "535" in p.stderr()
+        # The line names the key and every cause a 535 can hide, and where to look.
+        from rstash.keys import load_key_file
+
+        fp = load_key_file(wrong, client=True).fingerprint
+        assert f"key {fp} was refused for box 'vm1': wrong key for the box, box name " \
+               "misspelt, or this address not in the box's allow_from" in p.stderr(), p.describe()
         assert not (box.path / bad.name).exists()
         wait_until(lambda: "outcome=auth_failed code=535" in log_text(e2e_dir), timeout=STEP,
                    what="auth failure logged")
         assert re.search(r"event=auth outcome=auth_failed code=535 peer=127\.0\.0\.1",
                          log_text(e2e_dir))
+
+
+def test_a_server_that_cannot_start_under_inetd_is_reported_as_such(
+        e2e_venv: Path, e2e_dir: Path, service_user: ServiceUser, spawn: ProcGroup) -> None:
+    box = make_box(e2e_dir, "vm1")
+    conf = write_config(e2e_dir, [box])
+    conf.write_text(conf.read_text() + "\n[box.vm1\n")  # does not parse: rstash-recv exits
+    port = free_port()
+    with inetd(spawn, e2e_dir, [inetd_line(port, "nowait", service_user, e2e_venv, conf)]) as d:
+        wait_for_port("127.0.0.1", port, proc=d)
+        f = make_file(e2e_dir, "nightly.tar")
+        p = send(spawn, e2e_venv, e2e_dir, box.client_key, box.url(port), f)
+        assert p.wait(STEP * 2) == 4, p.describe()
+        assert p.stderr() == (
+            "rstash-send: the server closed the connection before its greeting: rstash-recv "
+            "could not start there (a configuration that does not load, the wrong user, a "
+            "missing program); on the server, run rstash-recv --check-config and read the "
+            "inetd or system log\n"), p.describe()
+        assert not (box.path / f.name).exists()
 
 
 def test_inetd_wait_runs_the_accept_loop_as_the_service_user(

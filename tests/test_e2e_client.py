@@ -839,3 +839,37 @@ def test_a_file_larger_than_the_socket_buffers_streams_without_stalling(env: Env
     assert elapsed < 20, f"{elapsed:.1f} s: the client stalled on a full send buffer"
     assert json_lines(p)[0]["sha256"] == sha256sum(big)
     assert (box.path / "big.bin").stat().st_size == 64 * 1024 * 1024
+
+
+def test_an_unwritable_box_says_so_on_both_sides(env: Env, src: Path) -> None:
+    box = make_box(env.e2e_dir, "vm1")
+    os.chown(box.path, 0, 0)  # root's 0755: the service user cannot write into it
+    port = env.server([box], service_user=env.user.name)
+    f = make_file(src, "nightly.tar", 10)
+    p = env.send("-k", box.client_key, box.url(port), f)
+    assert p.returncode == 75, out(p)
+    assert "refused nightly.tar: local error (451): the server could not write into the box; " \
+           "ask its admin to run rstash-recv --check-config and read its log" in p.stderr, out(p)
+    log = (env.e2e_dir / "rstash-recv.log").read_text()
+    assert f"create temp: cannot write into {box.path}: Permission denied (EACCES); run rstash-recv " \
+           "--check-config" in log, log
+    # The command named finds it, run as root, because service_user names whom to check for.
+    conf = sorted(env.e2e_dir.glob("recv-*.toml"))[-1]
+    check = subprocess.run([venv_bin(env.venv, "rstash-recv"), "-c", str(conf), "-t"],
+                           capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False)
+    assert check.returncode == 1
+    assert f"box vm1: path {box.path} is not writable by {env.user.name}" in check.stderr, check.stderr
+
+
+def test_a_server_key_readable_by_all_is_logged_as_unusable(env: Env, src: Path) -> None:
+    box = make_box(env.e2e_dir, "vm1")
+    os.chmod(box.server_key, 0o644)
+    port = env.server([box])
+    p = env.send("-k", box.client_key, "--test", box.url(port))
+    assert p.returncode == 3, out(p)
+    log = (env.e2e_dir / "rstash-recv.log").read_text()
+    auth_lines = [line for line in log.splitlines() if "event=auth" in line]
+    assert len(auth_lines) == 1, log
+    assert 'reason="key file unusable"' in auth_lines[0] and "unknown key id" not in log
+    assert f"path={box.server_key}" in auth_lines[0]
+    assert "permissions 0644 are too open" in auth_lines[0]

@@ -241,6 +241,9 @@ def test_a_key_readable_by_others_is_refused_like_ssh(mode: int, key: Path, afil
     err = capfd.readouterr().err
     # ssh: "Permissions 0644 for 'id_ed25519' are too open."
     assert f"{mode:04o}" in err and "too open" in err and str(key) in err
+    # One message whatever the bits, with its fix.
+    assert err.count(f"rstash-send: {key}: permissions {mode:04o} are too open: a client key "
+                     f"must be readable by its owner only (chmod 600 {key})\n") == 2, err
 
 
 def test_key_file_checks(tmp_path: Path, key: Path, monkeypatch: pytest.MonkeyPatch,

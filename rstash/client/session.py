@@ -47,6 +47,24 @@ def complain(message: str) -> None:
     sys.stderr.write(f"rstash-send: {message}\n")
 
 
+#: Nothing came back, not even the greeting: the server side never started.
+CLOSED_BEFORE_GREETING = (
+    "the server closed the connection before its greeting: rstash-recv could not start there "
+    "(a configuration that does not load, the wrong user, a missing program); on the server, "
+    "run rstash-recv --check-config and read the inetd or system log")
+#: After a 451, the file or the session failed on the server's disk, not in transit.
+LOCAL_ERROR_HINT = ("the server could not write into the box; ask its admin to run "
+                    "rstash-recv --check-config and read its log")
+
+
+def auth_failed_message(key: auth.Key, box: bytes, text: str) -> str:
+    """535 is the same for every cause (rstash(7) RULES, rule 1): name them all, and the key."""
+    name = box.decode("utf-8", "replace")
+    return (f"authentication failed ({text}): key {key.fingerprint} was refused for box "
+            f"{name!r}: wrong key for the box, box name misspelt, or this address not in the "
+            "box's allow_from; the server's log line event=auth says which (reason=)")
+
+
 class ServerBusy(RstashError):
     """``421 busy`` before anything was sent: the whole session may be tried again."""
 
@@ -137,6 +155,8 @@ class Session:
         last = self.conn.last_stderr_line() if self.conn and not self.got_bytes else None
         if last:
             return f"ssh failed: {last}"
+        if not self.got_bytes:
+            return CLOSED_BEFORE_GREETING
         return "connection closed by the server before the session completed"
 
     def _session_refused(self, code: int, text: str) -> None:
@@ -148,7 +168,11 @@ class Session:
                 raise RemoteProtocolError(f"the server answered {text!r} without proving it holds the key (235)")
             raise RemoteProtocolError(f"unexpected reply from the server: {text!r}")
         if code == Reply.AUTH_FAILED:
-            raise AuthenticationFailed(f"authentication failed ({text})", reply=code)
+            raise AuthenticationFailed(auth_failed_message(self.proto.key, self.proto.box, text),
+                                       reply=code)
+        if code == Reply.LOCAL_ERROR:
+            raise RstashError(f"server: {text}: {LOCAL_ERROR_HINT}", exit_status=Exit.TEMPFAIL,
+                              reply=code)
         if code in (Reply.INTEGRITY, Reply.PROTOCOL_ERROR):
             raise RemoteProtocolError(f"server: {text}", reply=code)
         if code == Reply.BUSY:
@@ -332,6 +356,8 @@ class Session:
         else:
             verb = "not stored" if res.code == Reply.ABORTED else "refused"
             line = f"{verb} {res.name}: {res.message}"
+            if res.code == Reply.LOCAL_ERROR:
+                line += f" ({res.code}): {LOCAL_ERROR_HINT}"
         if not self.opts.json or not self.opts.quiet:
             sys.stderr.write(line + "\n")
 

@@ -117,3 +117,78 @@ def test_tqdm_is_imported_only_for_a_bar_and_pydantic_never(
                           env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
                                "PYTHONPATH": str(CHECKOUT)})
     assert proc.stderr.decode().endswith(repr((tqdm_loaded, False, 0))), proc.stderr
+
+
+# --- what a failing server looks like to the user --------------------------------------------
+
+
+def _session_against(server_bytes: bytes, key: auth.Key, box: str = "vm1",
+                     after_hello: bytes = b"") -> str:
+    """Run a session against a peer that sends ``server_bytes``, then ``after_hello`` once
+    it has read a HELLO, and hangs up; the error."""
+    import socket
+    import threading
+
+    from rstash.client.connect import Connection
+    from rstash.errors import RstashError
+
+    ours, theirs = socket.socketpair()
+    theirs.settimeout(10)
+
+    def peer() -> None:
+        theirs.sendall(server_bytes)
+        if after_hello:
+            theirs.recv(65536)
+            theirs.sendall(after_hello)
+        theirs.shutdown(socket.SHUT_WR)
+
+    threading.Thread(target=peer, daemon=True).start()
+    opts = Options.from_namespace(_namespace(), [])
+    stream = FdStream(ours.fileno())
+    sess = Session(opts, wire.ClientConnection(key, box), stream, Connection(stream, [ours.close]))
+    try:
+        with pytest.raises(RstashError) as info:
+            sess.handshake()
+            sess.finish()
+    finally:
+        ours.close()
+        theirs.close()
+    return info.value.message
+
+
+def _namespace() -> object:
+    from rstash.send import _parser
+
+    return _parser().parse_args(["rstash://127.0.0.1/vm1"])
+
+
+def test_a_server_that_closes_before_its_greeting_is_told_apart(key: auth.Key) -> None:
+    message = _session_against(b"", key)
+    assert message.startswith("the server closed the connection before its greeting: "
+                              "rstash-recv could not start there")
+    assert "rstash-recv --check-config" in message and "inetd or system log" in message
+
+
+def test_a_535_names_the_key_the_box_and_every_cause(key: auth.Key) -> None:
+    greeting = wire.line(wire.greeting_line(os.urandom(32)))
+    message = _session_against(greeting, key, "vm-1", b"535 authentication failed\r\n")
+    assert message.startswith("authentication failed (535 authentication failed): key "
+                              f"{key.fingerprint} was refused for box 'vm-1': ")
+    assert key.fingerprint.startswith("SHA256:")
+    for cause in ("wrong key for the box", "box name misspelt", "allow_from", "event=auth"):
+        assert cause in message
+
+
+def test_a_451_says_the_server_could_not_write_into_the_box(
+        key: auth.Key, capsys: pytest.CaptureFixture[str]) -> None:
+    greeting = wire.line(wire.greeting_line(os.urandom(32)))
+    message = _session_against(greeting, key, "vm1", b"451 local error\r\n")
+    assert message == ("server: 451 local error: the server could not write into the box; ask "
+                       "its admin to run rstash-recv --check-config and read its log")
+    # A file refused 451 in a receipt says the same.
+    opts = Options.from_namespace(_namespace(), [])
+    sess = Session(opts, wire.ClientConnection(key, "vm1"), FdStream(0, 1))
+    sess._report(Result("a.tar", status="temporary", code=451, message="local error"))
+    assert capsys.readouterr().err == (
+        "refused a.tar: local error (451): the server could not write into the box; ask its "
+        "admin to run rstash-recv --check-config and read its log\n")
