@@ -18,6 +18,8 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
+from rstash.errors import RstashError
+
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -53,7 +55,7 @@ class FsReservations:
         for _ino, fd in self.others:
             try:
                 total += scan_usage(fd)[1]
-            except Exception:
+            except (RstashError, OSError):
                 continue  # a box we cannot scan cannot be reserving through us either
         return total
 

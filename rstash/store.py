@@ -77,13 +77,14 @@ class BoxStore:
 
     def __init__(self, path: str | os.PathLike[str], policy: BoxPolicy | None = None, *,
                  check_path: bool = True, siblings: Iterable[str | os.PathLike[str]] = (),
-                 **changes: Any) -> None:
+                 keep_readers: bool = False, **changes: Any) -> None:
         """``policy`` (default: the built-in one) with ``changes`` to some of its fields.
 
         ``check_path`` False (only for reading sizes and temps, never for serving)
         skips the ownership walk of :func:`rstash.boxpath.open_box_dir`.
         ``siblings`` are the other boxes' paths: those on this box's file system
-        share its min_free (see :mod:`rstash.fsreserve`).
+        share its min_free (see :mod:`rstash.fsreserve`). ``keep_readers``: each
+        commit keeps a read-only descriptor of the stored file (for hooks).
 
         BoxPolicy refuses an unknown overwrite policy and a file_mode with a bit of 07111:
         execute, setuid, setgid and sticky bits would turn a drop box into a way to
@@ -100,8 +101,7 @@ class BoxStore:
         self.allow_names = self.policy.allow_names
         self.deny_names = self.policy.deny_names
         self._uploads: set[Upload] = set()
-        #: commits keep a read-only descriptor of each stored file (for hooks)
-        self.keep_readers = False
+        self.keep_readers = keep_readers
         self.dir_fd: int = -1
         if check_path:
             # Every component from / judged on the descriptor that is then used:
@@ -214,6 +214,8 @@ class BoxStore:
                 self.sync_dir()
             except Refused as e:
                 results = [e if isinstance(r, str) else r for r in results]
+                for upload in uploads:
+                    upload.close_reader()
         return results
 
     # -- housekeeping -------------------------------------------------------
