@@ -184,7 +184,7 @@ class BoxStore:
         try:
             data_fd = os.open(".", _TMPFILE_FLAGS, 0o600, dir_fd=self.dir_fd)
         except OSError as exc:
-            if exc.errno not in _NO_TMPFILE or not _TMPFILE_FLAGS & ~(os.O_RDWR | os.O_CLOEXEC):
+            if exc.errno not in _NO_TMPFILE:
                 os.close(fd)
                 self._unlink_quietly(temp_name)
                 raise from_oserror("create temp", exc) from exc
