@@ -61,8 +61,8 @@ class Repeats:
                         detail=f"{n} more files of this session with this outcome", **fields)
 
 
-def prune_box(conn: sqlite3.Connection, box: str, keep: int = MAX_BOX_ROWS) -> int:
-    """Delete the box's rows beyond the newest ``keep``; returns how many were deleted.
+def prune_box(conn: sqlite3.Connection, box: str, keep: int | None = None) -> int:
+    """Delete the box's rows beyond the newest ``keep`` (:data:`MAX_BOX_ROWS`); how many went.
 
     The newest ``stored`` row of every key of the box stays whatever its age:
     a flood of refusals must not make ``--status`` forget when a key last
@@ -70,7 +70,7 @@ def prune_box(conn: sqlite3.Connection, box: str, keep: int = MAX_BOX_ROWS) -> i
     """
     cutoff = conn.execute(
         "SELECT id FROM events WHERE box = ? ORDER BY id DESC LIMIT 1 OFFSET ?",
-        (box, keep)).fetchone()
+        (box, MAX_BOX_ROWS if keep is None else keep)).fetchone()
     if cutoff is None:
         return 0
     cur = conn.execute(
