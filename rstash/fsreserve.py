@@ -4,7 +4,7 @@ min_free is about the file system, not a directory: two boxes on one file
 system, each checking only its own temps, can each see room for one more
 upload and together leave less than min_free. This module owns the other
 boxes a store must look at: the ones on the same device (``st_dev``) as its
-own box, opened once with ``O_NOFOLLOW``, whose temps' outstanding
+own box, opened once by :func:`rstash.boxpath.open_box_dir`, whose temps' outstanding
 reservations count against this box's min_free too, and the order in which
 every process locks them (by inode number), so that the check and the
 reservation stay atomic across boxes without deadlock.
@@ -18,9 +18,8 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-from rstash.errors import RstashError
-
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+from rstash.boxpath import open_box_dir
+from rstash.errors import RstashError, StoreError
 
 
 class FsReservations:
@@ -33,9 +32,11 @@ class FsReservations:
         self._own_ino = own.st_ino
         for path in siblings:
             try:
-                fd = os.open(os.fspath(path), _DIR_FLAGS)
-            except OSError:
-                continue  # a missing box reserves nothing; --check-config reports it
+                # The rules of the box's own path: a directory someone else could
+                # swap in must not be able to hold our locks.
+                fd = open_box_dir(os.fspath(path))
+            except StoreError:
+                continue  # a box we would not serve reserves nothing; --check-config says why
             st = os.fstat(fd)
             if st.st_dev != own.st_dev or st.st_ino == own.st_ino or any(
                     st.st_ino == ino for ino, _fd in self.others):

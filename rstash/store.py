@@ -113,7 +113,11 @@ class BoxStore:
                 self.dir_fd = os.open(self.path, _DIR_FLAGS)
             except OSError as exc:
                 raise StoreError(f"cannot open box directory {self.path}: {exc.strerror}") from exc
-        self._fs = FsReservations(self.dir_fd, siblings)
+        # Other boxes matter only to min_free; they are opened under the same rules.
+        self._fs = FsReservations(self.dir_fd, siblings if self.min_free is not None else ())
+        #: linking an unnamed O_TMPFILE needs /proc/self/fd (absent: the named temp is checked)
+        self._unnamed = bool(_TMPFILE_FLAGS & ~(os.O_RDWR | os.O_CLOEXEC)) and os.path.isdir(
+            "/proc/self/fd")
 
     # -- context management -------------------------------------------------
 
@@ -181,14 +185,15 @@ class BoxStore:
                 os.close(fd)
                 self._unlink_quietly(temp_name)
                 raise from_oserror("lock temp", exc) from exc
+        data_fd = None  # without O_TMPFILE the named temp holds the bytes; commit checks the inode
         try:
-            data_fd = os.open(".", _TMPFILE_FLAGS, 0o600, dir_fd=self.dir_fd)
+            if self._unnamed:
+                data_fd = os.open(".", _TMPFILE_FLAGS, 0o600, dir_fd=self.dir_fd)
         except OSError as exc:
             if exc.errno not in _NO_TMPFILE:
                 os.close(fd)
                 self._unlink_quietly(temp_name)
                 raise from_oserror("create temp", exc) from exc
-            data_fd = None  # the named temp holds the bytes; commit checks the inode
         upload = Upload(self, name, temp_name, size, fd, data_fd)
         self._uploads.add(upload)
         return upload

@@ -28,8 +28,9 @@ def box(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def no_tmpfile(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Without O_TMPFILE, open(".", O_RDWR) of the box fails with EISDIR, as on such file systems.
-    monkeypatch.setattr(store_mod, "_TMPFILE_FLAGS", os.O_RDWR | os.O_CLOEXEC)
+    # A kernel without O_TMPFILE sees only its O_DIRECTORY part: open(".", O_RDWR|O_DIRECTORY)
+    # of the box fails with EISDIR, and the store falls back to the named temp.
+    monkeypatch.setattr(store_mod, "_TMPFILE_FLAGS", os.O_DIRECTORY | os.O_RDWR | os.O_CLOEXEC)
 
 
 def swap_temp(box: Path, temp_name: str) -> None:
