@@ -264,7 +264,15 @@ def _check_box_path(box: BoxConfig, user: ServiceUser, report: Report) -> None:
     """Owner and ancestors of the box the way rstash-recv judges them when it opens it."""
     from rstash.boxpath import box_path_findings
 
-    errors, warnings = box_path_findings(str(box.path), user.uid)
+    uid = user.uid
+    if user.guessed_root:
+        # Root without --user does not know the service user: the box's owner stands
+        # in for it (its ancestors are still judged), as for state_dir.
+        try:
+            uid = os.lstat(box.path).st_uid
+        except OSError:
+            pass
+    errors, warnings = box_path_findings(str(box.path), uid)
     for problem in errors:
         if "world-writable" not in problem:  # reported above with the mode
             report.add(box.name, "error", f"path {box.path}: {problem} (rstash-recv refuses "
