@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rstash.errors import Outcome
-from rstash.logbound import PRUNE_EVERY, prune_box
+from rstash.logbound import PRUNE_EVERY, Repeats, prune_box
 
 if TYPE_CHECKING:
     from rstash.log import Logger
@@ -41,6 +41,9 @@ class DeliveryLog:
         self._off = False
         #: a failing database is reported once per session, not once per file
         self.warned = False
+        #: per-outcome counts of the session's files: past a few of one outcome, neither
+        #: a row nor a log line each (rstash-recv(8) SECURITY; the session asks first)
+        self.repeats = Repeats()
         #: rows written by this session since its last pruning, per box
         self._unpruned: dict[str, int] = {}
 

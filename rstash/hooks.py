@@ -27,13 +27,14 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .log import Logger
 
 if TYPE_CHECKING:
+    from .config import BoxConfig
     from .upload import Upload
+    from .wire import End
 
 OUTPUT_LIMIT = 4096
 #: Hooks waiting to run in one session; beyond it a delivery's hook is skipped (logged).
@@ -57,13 +58,13 @@ class Delivery:
     dir_fd: int | None = None
 
     @classmethod
-    def of_upload(cls, box: str, box_path: Path, upload: Upload, requested: str, size: int,
-                  sha256: str, client_mtime: int) -> Delivery:
+    def of_upload(cls, box: BoxConfig, upload: Upload, requested: str, end: End,
+                  client_mtime: int) -> Delivery:
         """The delivery of a committed upload: its name, descriptor and inode."""
         final = upload.final_name or requested
-        return cls(box=box, name=final, requested_name=requested, path=str(box_path / final),
-                   size=size, sha256=sha256, client_mtime=client_mtime, fd=upload.reader_fd,
-                   identity=upload.identity, dir_fd=upload.store.dir_fd)
+        return cls(box=box.name, name=final, requested_name=requested, path=str(box.path / final),
+                   size=end.n, sha256=end.sha256.hex(), client_mtime=client_mtime,
+                   fd=upload.reader_fd, identity=upload.identity, dir_fd=upload.store.dir_fd)
 
     def close(self) -> None:
         if self.fd is not None:

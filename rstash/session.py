@@ -35,7 +35,6 @@ from .errors import (
 from .hello import HelloJudge, Verdict
 from .keys import UnusableKeys, load_box_keys, why_auth_failed
 from .log import Logger
-from .logbound import Repeats
 from .names import check_name
 from .transport import FdStream
 
@@ -84,7 +83,6 @@ class ServerSession:
         #: (the accept loop counts pre-auth sessions and ends silent ones first)
         self.on_stage = on_stage or (lambda _stage: None)
         self.deliveries = DeliveryLog(cfg.state_dir, log, peer=peer)
-        self.repeats = Repeats()  # rstash-recv(8) SECURITY: repeated outcomes are counted
         #: the file being received (FILE seen, END or ABORT not yet)
         self._cur: _FileState | None = None
         self.judge = HelloJudge(cfg, {}, allowed_boxes=allowed_boxes)
@@ -216,8 +214,7 @@ class ServerSession:
         box = self.box
         assert box is not None and self.keys is not None
         try:
-            self.store = BoxStore(box.path, box, siblings=[b.path for b in self.cfg.boxes.values()],
-                                  keep_readers=bool(box.on_receive))
+            self.store = BoxStore.serving(box, self.cfg.boxes.values())
         except (RstashError, OSError) as e:
             detail = e.message if isinstance(e, RstashError) else box_write_failure(box.path, e)
             failed = Outcome.SESSION_ERROR
@@ -356,8 +353,7 @@ class ServerSession:
             say(st, Outcome.STORED, final_name=final.encode("utf-8"), n=end.n, sha256=end.sha256)
             self._log_file(st, Outcome.STORED, bytes_=end.n, sha256=digest, final=final)
             if box.on_receive:
-                self.hooks.submit(box.on_receive, Delivery.of_upload(
-                    box.name, box.path, upload, st.name, end.n, digest, st.header.mtime))
+                self.hooks.submit(box.on_receive, Delivery.of_upload(box, upload, st.name, end, st.header.mtime))
         if lost is not None:
             raise lost
 
@@ -393,7 +389,7 @@ class ServerSession:
     def _log_file(self, st: _FileState, outcome: Outcome, *, bytes_: int = 0,
                   sha256: str | None = None, final: str | None = None, reason: str | None = None,
                   detail: str | None = None) -> None:
-        if not self.repeats.admit(outcome):
+        if not self.deliveries.repeats.admit(outcome):
             return
         box = self.box
         fields: dict[str, Any] = {
@@ -430,7 +426,8 @@ class ServerSession:
         (self.log.info if outcome is Outcome.COMPLETE else self.log.warning)(**fields)
 
     def _close(self) -> None:
-        self.repeats.log_summary(self.log, box=self.result.box, peer=self.peer, key=self.key and self.key.log_name())
+        self.deliveries.repeats.log_summary(self.log, box=self.result.box, peer=self.peer,
+                                            key=self.key and self.key.log_name())
         if self.hooks is not None:
             self.hooks.close()
         if self.store is not None:

@@ -38,7 +38,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rstash.boxpath import open_box_dir
 from rstash.errors import Outcome, Refused, StoreError
@@ -46,6 +46,9 @@ from rstash.fsreserve import FsReservations
 from rstash.names import name_problem
 from rstash.settings import BoxPolicy
 from rstash.upload import UNKNOWN_RESERVE, SizeMismatch, Upload, from_oserror, no_space
+
+if TYPE_CHECKING:
+    from rstash.config import BoxConfig
 
 __all__ = ["UNKNOWN_RESERVE", "BoxStore", "Refused", "SizeMismatch", "Upload"]
 
@@ -118,6 +121,12 @@ class BoxStore:
         #: linking an unnamed O_TMPFILE needs /proc/self/fd (absent: the named temp is checked)
         self._unnamed = bool(_TMPFILE_FLAGS & ~(os.O_RDWR | os.O_CLOEXEC)) and os.path.isdir(
             "/proc/self/fd")
+
+    @classmethod
+    def serving(cls, box: BoxConfig, boxes: Iterable[BoxConfig]) -> BoxStore:
+        """The store a session serves ``box`` from: every box's path is a possible sibling
+        on its file system (min_free), and hooks get each stored file's descriptor."""
+        return cls(box.path, box, siblings=[b.path for b in boxes], keep_readers=bool(box.on_receive))
 
     # -- context management -------------------------------------------------
 

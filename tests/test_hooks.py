@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -60,7 +61,9 @@ def _stored(tmp_path: Path) -> tuple[Delivery, int, Path]:
     up = store.begin("a.txt", 4)
     up.write(b"data")
     up.commit()
-    d = Delivery.of_upload("vm1", box, up, "a.txt", 4, "ab" * 32, 0)
+    d = Delivery.of_upload(SimpleNamespace(name="vm1", path=box),  # type: ignore[arg-type]
+                           up, "a.txt", SimpleNamespace(n=4, sha256=b"\xab" * 32),  # type: ignore[arg-type]
+                           0)
     return d, store.dir_fd, box
 
 
