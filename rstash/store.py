@@ -14,8 +14,9 @@ It must never:
   file: the product is write-only, and the only files it ever unlinks are its
   own temps;
 - hash content (the protocol layer computes SHA-256 once, as bytes arrive);
-- resolve a path below the box directory: the box is opened once with
-  ``O_NOFOLLOW`` and every later call is relative to that descriptor
+- resolve a path below the box directory: the box is opened once, component
+  by component with ``O_NOFOLLOW`` and each component judged for who may
+  write it (:mod:`rstash.boxpath`), and every later call is relative to that descriptor
   (``dir_fd=``), so a box path swapped for a symlink mid-session, or a
   symlink planted at a file name by anyone with write access to the box
   directory, is never followed.
