@@ -83,6 +83,10 @@ class DeliveryLog:
                                     "--status will not show this delivery")
         return False
 
+    def log_repeats(self, *, box: str | None, key: str | None) -> None:
+        """One line per outcome that went past the per-session limit: how many were not logged."""
+        self.repeats.log_summary(self.log, box=box, peer=self.peer, key=key)
+
     def _prune(self, box: str) -> None:
         from rstash.state import _transaction
 
