@@ -426,7 +426,7 @@ class ServerSession:
         (self.log.info if outcome is Outcome.COMPLETE else self.log.warning)(**fields)
 
     def _close(self) -> None:
-        self.deliveries.log_repeats(box=self.result.box, key=self.key and self.key.log_name())
+        self.deliveries.log_repeats(box=self.result.box, key=self.key.log_name() if self.key else None)
         if self.hooks is not None:
             self.hooks.close()
         if self.store is not None:
