@@ -256,14 +256,37 @@ def _check_box_dir(box: BoxConfig, cfg: Config, user: ServiceUser, report: Repor
         report.add(name, "info", f"path {path} exists, writable by {user.name} ({owner})")
     else:
         report.add(name, "info", f"path {path} exists, NOT usable by {user.name} ({owner})")
+    _check_box_path(box, user, report)
     _check_temps(box, cfg, report)
+
+
+def _check_box_path(box: BoxConfig, user: ServiceUser, report: Report) -> None:
+    """Owner and ancestors of the box the way rstash-recv judges them when it opens it."""
+    from rstash.boxpath import box_path_findings
+
+    uid = user.uid
+    if user.guessed_root:
+        # Root without --user does not know the service user: the box's owner stands
+        # in for it (its ancestors are still judged), as for state_dir.
+        try:
+            uid = os.lstat(box.path).st_uid
+        except OSError:
+            pass
+    errors, warnings = box_path_findings(str(box.path), uid)
+    for problem in errors:
+        if "world-writable" not in problem:  # reported above with the mode
+            report.add(box.name, "error", f"path {box.path}: {problem} (rstash-recv refuses "
+                                          "to serve it)")
+    for problem in warnings:
+        report.add(box.name, "warning", f"path {box.path}: {problem}")
 
 
 def _check_temps(box: BoxConfig, cfg: Config, report: Report) -> None:
     from rstash.store import BoxStore
 
     try:
-        with BoxStore(box.path) as store:  # opens the directory read-only; no sweep
+        # Read-only, no sweep; the path's ownership is _check_box_path's finding.
+        with BoxStore(box.path, check_path=False) as store:
             temps = store.stale_temps()
     except (RstashError, OSError) as e:
         report.add(box.name, "warning", f"cannot look for stale temp files: {e}")

@@ -1,5 +1,13 @@
 """on_receive hooks: run after a file is stored and its 250 line is sent.
 
+The stored file reaches a hook as an open read-only descriptor (its number in
+``RSTASH_FD``), which names the verified inode whatever happens to the box
+afterwards; ``{path}`` and ``RSTASH_PATH`` are given only after checking,
+relative to the box's directory descriptor and without following a symlink,
+that the name still holds that inode: in a box others may write, a name
+swapped for a symlink (to the box key, say) must not reach an archiving hook.
+When it does not, the hook is skipped with a log line.
+
 Only argv elements that are exactly ``{box}``, ``{name}`` or ``{path}`` are
 replaced (never substrings, never a shell), so a hostile file name arrives as
 one argument and nothing else. The environment is fixed, stdin is /dev/null,
@@ -14,13 +22,19 @@ from __future__ import annotations
 import os
 import queue
 import signal
+import stat
 import subprocess
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .log import Logger
+
+if TYPE_CHECKING:
+    from .config import BoxConfig
+    from .upload import Upload
+    from .wire import End
 
 OUTPUT_LIMIT = 4096
 #: Hooks waiting to run in one session; beyond it a delivery's hook is skipped (logged).
@@ -37,6 +51,38 @@ class Delivery:
     size: int
     sha256: str
     client_mtime: int
+    #: a read-only descriptor of the stored file, owned (closed) by the hook runner
+    fd: int | None = None
+    #: (st_dev, st_ino) of the stored file and the box directory descriptor it is in
+    identity: tuple[int, int] | None = None
+    dir_fd: int | None = None
+
+    @classmethod
+    def of_upload(cls, box: BoxConfig, upload: Upload, requested: str, end: End,
+                  client_mtime: int) -> Delivery:
+        """The delivery of a committed upload: its name, descriptor and inode."""
+        final = upload.final_name or requested
+        return cls(box=box.name, name=final, requested_name=requested, path=str(box.path / final),
+                   size=end.n, sha256=end.sha256.hex(), client_mtime=client_mtime,
+                   fd=upload.reader_fd, identity=upload.identity, dir_fd=upload.store.dir_fd)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+
+
+def still_stored(d: Delivery) -> bool:
+    """Whether the stored name still holds the stored inode (never following a symlink)."""
+    if d.identity is None or d.dir_fd is None:
+        return True  # nothing to compare with (a caller outside a session)
+    try:
+        st = os.stat(d.name, dir_fd=d.dir_fd, follow_symlinks=False)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == d.identity
 
 
 def hook_argv(template: tuple[str, ...] | list[str], d: Delivery) -> list[str]:
@@ -55,18 +101,32 @@ def hook_env(d: Delivery) -> dict[str, str]:
         "RSTASH_SHA256": d.sha256,
         "RSTASH_CLIENT_MTIME": str(d.client_mtime),
         "RSTASH_REQUESTED_NAME": d.requested_name,
+        **({"RSTASH_FD": str(d.fd)} if d.fd is not None else {}),
     }
 
 
 def run_hook(template: tuple[str, ...] | list[str], d: Delivery, timeout: float,
              log: Logger) -> int | None:
-    """Run one hook to completion (or its kill); returns its exit status."""
+    """Run one hook to completion (or its kill); returns its exit status. Closes ``d.fd``."""
+    try:
+        return _run_hook(template, d, timeout, log)
+    finally:
+        d.close()
+
+
+def _run_hook(template: tuple[str, ...] | list[str], d: Delivery, timeout: float,
+              log: Logger) -> int | None:
+    if not still_stored(d):
+        log.warning(event="hook", box=d.box, name=d.name, outcome="skipped",
+                    detail="the stored name no longer holds the stored file")
+        return None
     argv = hook_argv(template, d)
     start = time.monotonic()
     try:
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            env=hook_env(d), close_fds=True, start_new_session=True, cwd="/")
+            env=hook_env(d), close_fds=True, start_new_session=True, cwd="/",
+            pass_fds=() if d.fd is None else (d.fd,))
     except OSError as e:
         log.error(event="hook", box=d.box, name=d.name, outcome="error", detail=f"{argv[0]}: {e.strerror}")
         return None
@@ -144,6 +204,7 @@ class HookRunner:
         if self._queue.qsize() >= MAX_QUEUED:
             self.log.warning(event="hook", box=d.box, name=d.name, outcome="skipped",
                              detail=f"more than {MAX_QUEUED} hooks queued")
+            d.close()
             return
         if self._thread is None:
             self._thread = threading.Thread(target=self._work, daemon=True)

@@ -214,7 +214,7 @@ class ServerSession:
         box = self.box
         assert box is not None and self.keys is not None
         try:
-            self.store = BoxStore(box.path, box)
+            self.store = BoxStore.serving(box, self.cfg.boxes.values())
         except (RstashError, OSError) as e:
             detail = e.message if isinstance(e, RstashError) else box_write_failure(box.path, e)
             failed = Outcome.SESSION_ERROR
@@ -343,7 +343,7 @@ class ServerSession:
                 except RstashError as e:
                     lost = e
 
-        for (st, _upload, end), final in zip(batch, finals, strict=True):
+        for (st, upload, end), final in zip(batch, finals, strict=True):
             if isinstance(final, Refused):
                 self._log_file(st, final.outcome, reason=final.reason, detail=final.detail or None)
                 say(st, final.outcome)
@@ -353,10 +353,7 @@ class ServerSession:
             say(st, Outcome.STORED, final_name=final.encode("utf-8"), n=end.n, sha256=end.sha256)
             self._log_file(st, Outcome.STORED, bytes_=end.n, sha256=digest, final=final)
             if box.on_receive:
-                self.hooks.submit(box.on_receive, Delivery(
-                    box=box.name, name=final, requested_name=st.name,
-                    path=str(box.path / final), size=end.n, sha256=digest,
-                    client_mtime=st.header.mtime))
+                self.hooks.submit(box.on_receive, Delivery.of_upload(box, upload, st.name, end, st.header.mtime))
         if lost is not None:
             raise lost
 
@@ -392,6 +389,8 @@ class ServerSession:
     def _log_file(self, st: _FileState, outcome: Outcome, *, bytes_: int = 0,
                   sha256: str | None = None, final: str | None = None, reason: str | None = None,
                   detail: str | None = None) -> None:
+        if not self.deliveries.repeats.admit(outcome):
+            return
         box = self.box
         fields: dict[str, Any] = {
             "event": "file", "box": box.name if box else None, "name": st.header.name,
@@ -427,6 +426,7 @@ class ServerSession:
         (self.log.info if outcome is Outcome.COMPLETE else self.log.warning)(**fields)
 
     def _close(self) -> None:
+        self.deliveries.log_repeats(box=self.result.box, key=self.key.log_name() if self.key else None)
         if self.hooks is not None:
             self.hooks.close()
         if self.store is not None:

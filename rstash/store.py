@@ -14,8 +14,9 @@ It must never:
   file: the product is write-only, and the only files it ever unlinks are its
   own temps;
 - hash content (the protocol layer computes SHA-256 once, as bytes arrive);
-- resolve a path below the box directory: the box is opened once with
-  ``O_NOFOLLOW`` and every later call is relative to that descriptor
+- resolve a path below the box directory: the box is opened once, component
+  by component with ``O_NOFOLLOW`` and each component judged for who may
+  write it (:mod:`rstash.boxpath`), and every later call is relative to that descriptor
   (``dir_fd=``), so a box path swapped for a symlink mid-session, or a
   symlink planted at a file name by anyone with write access to the box
   directory, is never followed.
@@ -28,21 +29,27 @@ shared state to corrupt and nothing to clean up but the temps themselves.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import re
 import secrets
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from rstash.boxpath import open_box_dir
 from rstash.errors import Outcome, Refused, StoreError
+from rstash.fsreserve import FsReservations
 from rstash.names import name_problem
 from rstash.settings import BoxPolicy
 from rstash.upload import UNKNOWN_RESERVE, SizeMismatch, Upload, from_oserror, no_space
+
+if TYPE_CHECKING:
+    from rstash.config import BoxConfig
 
 __all__ = ["UNKNOWN_RESERVE", "BoxStore", "Refused", "SizeMismatch", "Upload"]
 
@@ -53,6 +60,10 @@ TEMP_RE = re.compile(r"\.rstash-tmp-[0-9a-f]{32}\.(?P<size>[0-9]{1,20}|u)\Z")
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+#: No O_EXCL: the unnamed file must stay linkable.
+_TMPFILE_FLAGS = getattr(os, "O_TMPFILE", 0) | os.O_RDWR | os.O_CLOEXEC
+#: What open(O_TMPFILE) fails with where the file system (or kernel) lacks it.
+_NO_TMPFILE = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT})
 #: O_NONBLOCK: a FIFO planted under a temp-like name must not hang the sweep.
 _SWEEP_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 def _temp_reservation(match: re.Match[str], st_size: int) -> tuple[int, int]:
@@ -68,9 +79,16 @@ def _temp_reservation(match: re.Match[str], st_size: int) -> tuple[int, int]:
 class BoxStore:
     """One box directory, opened once; the factory of :class:`Upload`."""
 
-    def __init__(self, path: str | os.PathLike[str], policy: BoxPolicy | None = None,
-                 **changes: Any) -> None:
+    def __init__(self, path: str | os.PathLike[str], policy: BoxPolicy | None = None, *,
+                 check_path: bool = True, siblings: Iterable[str | os.PathLike[str]] = (),
+                 keep_readers: bool = False, **changes: Any) -> None:
         """``policy`` (default: the built-in one) with ``changes`` to some of its fields.
+
+        ``check_path`` False (only for reading sizes and temps, never for serving)
+        skips the ownership walk of :func:`rstash.boxpath.open_box_dir`.
+        ``siblings`` are the other boxes' paths: those on this box's file system
+        share its min_free (see :mod:`rstash.fsreserve`). ``keep_readers``: each
+        commit keeps a read-only descriptor of the stored file (for hooks).
 
         BoxPolicy refuses an unknown overwrite policy and a file_mode with a bit of 07111:
         execute, setuid, setgid and sticky bits would turn a drop box into a way to
@@ -87,17 +105,29 @@ class BoxStore:
         self.allow_names = self.policy.allow_names
         self.deny_names = self.policy.deny_names
         self._uploads: set[Upload] = set()
-        try:
-            # O_NOFOLLOW: a box path that is itself a symlink (someone with write
-            # access to its parent pointing it at /etc) is refused, not followed.
-            self.dir_fd: int = os.open(self.path, _DIR_FLAGS)
-        except OSError as exc:
-            raise StoreError(f"cannot open box directory {self.path}: {exc.strerror}") from exc
-        # A world-writable box lets any local user plant symlinks, FIFOs or take
-        # names ahead of the backups: refused at serve time, not only by --check-config.
-        if stat.S_IMODE(os.fstat(self.dir_fd).st_mode) & stat.S_IWOTH:
-            os.close(self.dir_fd)
-            raise StoreError(f"box directory {self.path} is world-writable: refused")
+        self.keep_readers = keep_readers
+        self.dir_fd: int = -1
+        if check_path:
+            # Every component from / judged on the descriptor that is then used:
+            # the box's owner, and no ancestor anyone else may write (a world-
+            # writable box lets any local user plant symlinks or take names).
+            self.dir_fd = open_box_dir(self.path)
+        else:
+            try:
+                self.dir_fd = os.open(self.path, _DIR_FLAGS)
+            except OSError as exc:
+                raise StoreError(f"cannot open box directory {self.path}: {exc.strerror}") from exc
+        # Other boxes matter only to min_free; they are opened under the same rules.
+        self._fs = FsReservations(self.dir_fd, siblings if self.min_free is not None else ())
+        #: linking an unnamed O_TMPFILE needs /proc/self/fd (absent: the named temp is checked)
+        self._unnamed = bool(_TMPFILE_FLAGS & ~(os.O_RDWR | os.O_CLOEXEC)) and os.path.isdir(
+            "/proc/self/fd")
+
+    @classmethod
+    def serving(cls, box: BoxConfig, boxes: Iterable[BoxConfig]) -> BoxStore:
+        """The store a session serves ``box`` from: every box's path is a possible sibling
+        on its file system (min_free), and hooks get each stored file's descriptor."""
+        return cls(box.path, box, siblings=[b.path for b in boxes], keep_readers=bool(box.on_receive))
 
     # -- context management -------------------------------------------------
 
@@ -105,6 +135,7 @@ class BoxStore:
         """Abort unfinished uploads and close the directory; idempotent."""
         for upload in list(self._uploads):
             upload.abort()
+        self._fs.close()
         if self.dir_fd >= 0:
             os.close(self.dir_fd)
             self.dir_fd = -1
@@ -148,7 +179,7 @@ class BoxStore:
             # the reservation, and other processes scan for it under this lock.
             own = UNKNOWN_RESERVE if size is None else size
             self._check_limits(name, quota_add=own, free_need=own)
-            temp_name = f"{TEMP_PREFIX}{secrets.token_hex(16)}.{'u' if size is None else size}"
+            temp_name = self.new_temp_name(size)
             try:
                 fd = os.open(temp_name, _TEMP_FLAGS, 0o600, dir_fd=self.dir_fd)
             except OSError as exc:
@@ -164,7 +195,16 @@ class BoxStore:
                 os.close(fd)
                 self._unlink_quietly(temp_name)
                 raise from_oserror("lock temp", exc) from exc
-        upload = Upload(self, name, temp_name, size, fd)
+        data_fd = None  # without O_TMPFILE the named temp holds the bytes; commit checks the inode
+        try:
+            if self._unnamed:
+                data_fd = os.open(".", _TMPFILE_FLAGS, 0o600, dir_fd=self.dir_fd)
+        except OSError as exc:
+            if exc.errno not in _NO_TMPFILE:
+                os.close(fd)
+                self._unlink_quietly(temp_name)
+                raise from_oserror("create temp", exc) from exc
+        upload = Upload(self, name, temp_name, size, fd, data_fd)
         self._uploads.add(upload)
         return upload
 
@@ -189,6 +229,8 @@ class BoxStore:
                 self.sync_dir()
             except Refused as e:
                 results = [e if isinstance(r, str) else r for r in results]
+                for upload in uploads:
+                    upload.close_reader()
         return results
 
     # -- housekeeping -------------------------------------------------------
@@ -257,8 +299,14 @@ class BoxStore:
         except OSError as exc:
             raise from_oserror(f"stat {name!r}", exc) from exc
 
+    def new_temp_name(self, size: int | None) -> str:
+        return f"{TEMP_PREFIX}{secrets.token_hex(16)}.{'u' if size is None else size}"
+
     def _dir_lock(self) -> _DirLock:
-        return _DirLock(self.dir_fd)
+        # min_free is about the file system: every box on it is locked (in one
+        # order for every process), so the check and the reservation stay atomic.
+        return _DirLock(self._fs.lock_order(self.dir_fd) if self.min_free is not None
+                        else [self.dir_fd])
 
     def _temp_names(self) -> Iterator[str]:
         try:
@@ -269,27 +317,8 @@ class BoxStore:
 
     def _usage(self) -> tuple[int, int]:
         """(quota usage, outstanding reservations) of the box, from one scan."""
-        usage = 0
-        reserved = 0
-        try:
-            with os.scandir(self.dir_fd) as it:
-                for entry in it:
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                    except OSError:
-                        continue  # vanished between readdir and stat
-                    if not stat.S_ISREG(st.st_mode):
-                        continue
-                    match = TEMP_RE.match(entry.name)
-                    if match is None:
-                        usage += st.st_size
-                    else:
-                        used, outstanding = _temp_reservation(match, st.st_size)
-                        usage += used
-                        reserved += outstanding
-        except OSError as exc:
-            raise from_oserror("scan box", exc) from exc
-        return usage, reserved
+        return scan_usage(self.dir_fd)
+
 
     def _check_limits(self, name: str, *, quota_add: int, free_need: int) -> None:
         """Refuse when quota or min_free would be broken. Caller holds the dir lock.
@@ -314,6 +343,8 @@ class BoxStore:
                 vfs = os.statvfs(self.dir_fd)
             except OSError as exc:
                 raise from_oserror("statvfs", exc) from exc
+            # Outstanding claims of every box on this file system, not only this one.
+            reserved += self._fs.reserved_elsewhere()
             free = vfs.f_bavail * vfs.f_frsize - reserved
             if free < self.min_free + free_need:
                 raise no_space(
@@ -341,18 +372,52 @@ class BoxStore:
         os.fsync(self.dir_fd)
 
 
+def scan_usage(dir_fd: int) -> tuple[int, int]:
+    """(quota usage, outstanding reservations) of one box directory, from one scan."""
+    usage = 0
+    reserved = 0
+    try:
+        with os.scandir(dir_fd) as it:
+            for entry in it:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue  # vanished between readdir and stat
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                match = TEMP_RE.match(entry.name)
+                if match is None:
+                    usage += st.st_size
+                else:
+                    used, outstanding = _temp_reservation(match, st.st_size)
+                    usage += used
+                    reserved += outstanding
+    except OSError as exc:
+        raise from_oserror("scan box", exc) from exc
+    return usage, reserved
+
+
 class _DirLock:
     """flock(LOCK_EX) on the box directory: serialises limit checks and reservations
     across every session of every process, and nothing else."""
 
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
+    def __init__(self, fds: list[int]) -> None:
+        self.fds = fds
+        self.held: list[int] = []
 
     def __enter__(self) -> None:
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            for fd in self.fds:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                self.held.append(fd)
         except OSError as exc:
+            self._release()
             raise from_oserror("lock box", exc) from exc
+
+    def _release(self) -> None:
+        for fd in reversed(self.held):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        self.held = []
 
     def __exit__(
         self,
@@ -360,4 +425,4 @@ class _DirLock:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        self._release()

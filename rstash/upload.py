@@ -8,6 +8,15 @@ its temps belong to :mod:`rstash.store`, which creates every :class:`Upload`.
 It must never resolve a path (every call is relative to the box's directory
 descriptor), replace an entry except under overwrite = "replace", or leave a
 file under a final name that was not fully written and fsynced.
+
+The bytes go to an unnamed ``O_TMPFILE`` where the file system has it, and the
+verified descriptor itself is linked (``linkat`` of ``/proc/self/fd/N``): a
+member of a group-writable box cannot swap the temp between verification and
+link, because there is no temp name to swap. The named temp then only carries
+the reservation (a sparse file as long as the bytes written, locked for the
+upload's life). Without ``O_TMPFILE`` the named temp holds the bytes, and after
+the link the final name must hold the descriptor's device and inode, or the
+name is unlinked and the file refused: a ``250`` always names the verified inode.
 """
 
 from __future__ import annotations
@@ -69,15 +78,27 @@ class Upload:
     """
 
     def __init__(
-        self, store: BoxStore, name: str, temp_name: str, announced: int | None, fd: int
+        self, store: BoxStore, name: str, temp_name: str, announced: int | None, fd: int,
+        data_fd: int | None = None,
     ) -> None:
         self.store = store
         self.name = name
         self.temp_name = temp_name
         self.announced = announced
         self.written = 0
+        #: the named temp: the reservation, and its flock keeps the sweep away
         self._fd = fd
+        #: where the bytes go: an unnamed O_TMPFILE, or the named temp itself
+        self._data_fd = fd if data_fd is None else data_fd
         self.final_name: str | None = None
+        #: (st_dev, st_ino) of the stored file, after commit
+        self.identity: tuple[int, int] | None = None
+        #: a read-only descriptor of the stored file, after commit when the store keeps readers
+        self.reader_fd: int | None = None
+
+    @property
+    def unnamed(self) -> bool:
+        return self._data_fd != self._fd
 
     @property
     def done(self) -> bool:
@@ -97,13 +118,20 @@ class Upload:
                 raise Refused(Outcome.TOO_LARGE, f"> max_file_size {max_size}")
             while view:
                 try:
-                    n = os.write(self._fd, view)
+                    n = os.write(self._data_fd, view)
                 except InterruptedError:
                     continue
                 except OSError as exc:
                     raise from_oserror("write", exc) from exc
                 view = view[n:]
                 self.written += n
+            if self.unnamed:
+                # The reservation's quota count is the named temp's size: keep it
+                # as long as the bytes written (sparse: it occupies no blocks).
+                try:
+                    os.ftruncate(self._fd, self.written)
+                except OSError as exc:
+                    raise from_oserror("reserve", exc) from exc
             if self.announced is None and (
                 self.written // UNKNOWN_RESERVE > before // UNKNOWN_RESERVE
             ):
@@ -129,29 +157,59 @@ class Upload:
             if self.announced is not None and self.written != self.announced:
                 raise SizeMismatch(f"{self.written} bytes, announced {self.announced}")
             try:
-                os.fsync(self._fd)
+                os.fsync(self._data_fd)
             except OSError as exc:
                 raise from_oserror("fsync", exc) from exc
             try:
                 # Only now, after the caller verified the END tag: until here the
                 # temp is 0600, so no one in the box's group reads a partial file.
-                os.fchmod(self._fd, store.file_mode)
+                os.fchmod(self._data_fd, store.file_mode)
+                st = os.fstat(self._data_fd)
             except OSError as exc:
                 raise from_oserror("fchmod", exc) from exc
+            self.identity = (st.st_dev, st.st_ino)
             if store.overwrite == "replace":
                 final = self._replace()
             else:
                 final = self._link_first_free()
                 # The final name holds the inode now; the temp link is redundant.
                 store._unlink_quietly(self.temp_name)
+            self._check_identity(final)
+            if store.keep_readers:
+                self.reader_fd = self._reopen_readonly()
             if sync_dir:
                 store.sync_dir()
         except BaseException:
+            self.close_reader()
             self.abort()
             raise
         self.final_name = final
         self._close()
         return final
+
+    def _check_identity(self, final: str) -> None:
+        """The final name must hold the verified inode; else unlink it and refuse."""
+        dir_fd = self.store.dir_fd
+        try:
+            now = os.stat(final, dir_fd=dir_fd, follow_symlinks=False)
+            same = (now.st_dev, now.st_ino) == self.identity
+        except OSError:
+            same = False
+        if not same:
+            self.store._unlink_quietly(final)
+            raise local_error(f"{final!r} no longer holds the verified file (swapped by "
+                              "someone with write access to the box)")
+
+    def close_reader(self) -> None:
+        if self.reader_fd is not None:
+            fd, self.reader_fd = self.reader_fd, None
+            os.close(fd)
+
+    def _reopen_readonly(self) -> int | None:
+        try:
+            return os.open(f"/proc/self/fd/{self._data_fd}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None  # the hook gets {path} alone, still checked against identity
 
     def abort(self) -> None:
         """Close and unlink the temp; idempotent."""
@@ -181,19 +239,11 @@ class Upload:
                 yield candidate
 
     def _link_first_free(self) -> str:
-        dir_fd = self.store.dir_fd
         for candidate in self._candidates():
             try:
                 # link() claims the name atomically and never replaces an entry,
-                # a planted symlink included; follow_symlinks=False so the temp
-                # itself is never dereferenced.
-                os.link(
-                    self.temp_name,
-                    candidate,
-                    src_dir_fd=dir_fd,
-                    dst_dir_fd=dir_fd,
-                    follow_symlinks=False,
-                )
+                # a planted symlink included.
+                self._link_to(candidate)
             except FileExistsError:
                 continue
             except OSError as exc:
@@ -203,8 +253,28 @@ class Upload:
             return candidate
         raise Refused(Outcome.EXISTS, f"no free name for {self.name!r}")
 
+    def _link_to(self, target: str) -> None:
+        dir_fd = self.store.dir_fd
+        if self.unnamed:
+            # The descriptor itself, not a name anyone else could swap; the
+            # /proc link is followed to the inode (AT_SYMLINK_FOLLOW).
+            os.link(f"/proc/self/fd/{self._data_fd}", target, dst_dir_fd=dir_fd,
+                    follow_symlinks=True)
+        else:
+            # follow_symlinks=False: a temp swapped for a symlink is never dereferenced.
+            os.link(self.temp_name, target, src_dir_fd=dir_fd, dst_dir_fd=dir_fd,
+                    follow_symlinks=False)
+
     def _replace(self) -> str:
         dir_fd = self.store.dir_fd
+        if self.unnamed:
+            # rename() needs a name: give the verified inode a fresh temp name first.
+            self.store._unlink_quietly(self.temp_name)
+            self.temp_name = self.store.new_temp_name(self.announced)
+            try:
+                self._link_to(self.temp_name)
+            except OSError as exc:
+                raise from_oserror("link temp", exc) from exc
         try:
             # rename() replaces the entry itself: a symlink at the name is
             # replaced, its target never touched.
@@ -221,4 +291,7 @@ class Upload:
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             self.store._uploads.discard(self)
+            if self._data_fd != fd:
+                os.close(self._data_fd)  # an unlinked O_TMPFILE vanishes here
+            self._data_fd = -1
             os.close(fd)  # releases the temp's flock

@@ -838,3 +838,33 @@ def test_auto_without_syslog_names_the_fallback_file(site: Site, run: Run,
     rc, recs = check_json(run)
     assert rc == 1
     assert any(e["message"].startswith("log auto: no syslog socket") for e in problems(recs, "error"))
+def test_a_box_under_a_directory_others_can_write_is_a_check_config_error(site: Site,
+                                                                        run: Run) -> None:
+    # A local user could rename vm2 to vm1 there, or plant a directory of their own.
+    good_config(site)
+    boxes = site.root / "boxes"
+    boxes.chmod(0o777)
+    rc, recs = check_json(run)
+    assert rc == 1, recs
+    errs = [r for r in problems(recs, "error") if r["box"] == "vm1"]
+    assert any(f"its ancestor {boxes} is writable by everyone" in r["message"] for r in errs), recs
+
+
+def test_a_box_owned_by_another_user_is_a_check_config_error(site: Site, run: Run) -> None:
+    need_root()
+    good_config(site)
+    os.chown(site.root / "boxes" / "vm1", NOBODY, NOBODY)
+    rc, recs = check_json(run, "--user", "root")
+    assert rc == 1, recs
+    assert any(f"owned by uid {NOBODY}" in r["message"] for r in problems(recs, "error")), recs
+    # Root without --user does not know the service user: the box's owner stands in.
+    rc, recs = check_json(run)
+    assert not any("owned by uid" in r["message"] for r in problems(recs, "error")), recs
+
+
+def test_a_group_writable_box_is_a_check_config_warning(site: Site, run: Run) -> None:
+    good_config(site)
+    (site.root / "boxes" / "vm1").chmod(0o770)
+    _rc, recs = check_json(run)
+    assert any("group-writable" in r["message"] and r["box"] == "vm1"
+               for r in problems(recs, "warning")), recs

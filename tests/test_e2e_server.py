@@ -950,6 +950,8 @@ try:
         rec["content"] = f.read().decode("latin-1")
 except OSError as e:
     rec["content"] = None
+if "RSTASH_FD" in os.environ:
+    rec["fd_content"] = os.pread(int(os.environ["RSTASH_FD"]), 1 << 20, 0).decode("latin-1")
 with open(out + "/record.tmp", "w") as f:
     json.dump(rec, f)
 os.rename(out + "/record.tmp", out + "/record.json")
@@ -996,11 +998,15 @@ def test_strace_shows_fsync_temp_then_link_then_fsync_dir_then_250(rig: Rig, pol
                 return i
         raise AssertionError(f"no {pattern!r} in strace output:\n" + "\n".join(lines[-80:]))
 
-    fsync_temp = first(rf"\b(fsync|fdatasync)\(\d+<{box_dir}/\.rstash-tmp-[0-9a-f]{{32}}\.8>")
+    # The bytes are in an unnamed O_TMPFILE (strace -y: "<BOX/#INODE>(deleted)"), or, on
+    # file systems without it, in the named temp.
+    data = r"(\.rstash-tmp-[0-9a-f]{32}\.8>|#\d+>\(deleted\))"
+    fsync_temp = first(rf"\b(fsync|fdatasync)\(\d+<{box_dir}/{data}")
     if policy == "replace":
         claim = first(r"\brename(at2?)?\(.*\.rstash-tmp-[0-9a-f]{32}\.8\".*\"durable\.txt\"")
     else:
-        claim = first(r"\blink(at)?\(.*\.rstash-tmp-[0-9a-f]{32}\.8\".*\"durable\.txt\"")
+        claim = first(r"\blink(at)?\(.*(\.rstash-tmp-[0-9a-f]{32}\.8|/proc/self/fd/\d+)\""
+                      r".*\"durable\.txt\"")
     fsync_dir = first(rf"\bfsync\(\d+<{box_dir}>\)")
     reply = first(r"\b(write|sendto)\(1<[^>]*>, \"250 stored 8 ")
     hook = first(rf"\bexecve\(\"{re.escape(str(script))}\"")
@@ -1067,6 +1073,8 @@ def test_a_hook_gets_a_nasty_name_as_one_argument_and_a_fixed_environment(rig: R
     path = str(box.path / nasty)
     assert rec["argv"] == ["vm1", nasty, path, "x{name}", "{Box}"]
     assert rec["content"] == content.decode()  # stored before the hook ran
+    assert rec["fd_content"] == content.decode()  # the stored file, as an open descriptor
+    assert rec["env"].pop("RSTASH_FD").isdigit()
     assert rec["env"] == {
         "PATH": "/usr/bin:/bin",
         "LANG": "C.UTF-8",
@@ -1140,3 +1148,57 @@ def test_a_hook_past_hook_timeout_gets_sigterm_to_its_group_then_sigkill(rig: Ri
         for pid in pids:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------- hardening
+
+
+def test_a_box_under_a_directory_others_can_write_is_not_served(rig: Rig) -> None:
+    # rstash-recv(8) SECURITY: anyone who may write an ancestor could rename another box
+    # (or a directory of their own) to this box's name.
+    vm1 = make_box(rig.dir, "vm1")
+    os.chmod(vm1.path.parent, 0o777)
+    try:
+        s = rig.piped(rig.config([vm1]))
+        conn = greet(s.wire, vm1.key, "vm1")
+        assert isinstance(event(s.wire, conn), protocol.AuthOk)
+        line = s.wire.line()
+        assert line.startswith(b"451 "), line
+        s.wait(20)
+        assert f"its ancestor {vm1.path.parent} is writable by everyone" in rig.log()
+        assert entries(vm1) == []
+    finally:
+        os.chmod(vm1.path.parent, 0o755)
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def test_twenty_thousand_dry_runs_grow_state_and_log_by_well_under_a_mebibyte(rig: Rig) -> None:
+    """rstash-recv(8) SECURITY: repeated outcomes are counted, delivery-log rows capped."""
+    n = int(os.environ.get("RSTASH_DRY_RUNS", "20000"))
+    box = make_box(rig.dir, "vm1")
+    s = rig.piped(rig.config([box]))
+    state = rig.dir / "state"
+    state0, log0 = _dir_bytes(state), rig.log_path.stat().st_size
+    conn = login(s.wire, box.key, "vm1")
+    batch = 200  # replies of one batch fit in the pipe while we keep writing
+    for start in range(0, n, batch):
+        count = min(batch, n - start)
+        s.wire.send(b"".join(conn.file(f"dry-{start + i}.bin".encode(), 1024, 0, dry_run=True)
+                             for i in range(count)))
+        for _ in range(count):
+            r = event(s.wire, conn)
+            assert isinstance(r, protocol.Receipt) and r.ok, r
+    s.wire.send(conn.bye())
+    s.wire.close_write()
+    assert isinstance(event(s.wire, conn), protocol.Done)
+    assert s.wait(60) == 0, s.stderr()
+    grew_state = _dir_bytes(state) - state0
+    grew_log = rig.log_path.stat().st_size - log0
+    print(f"\n{n} dry runs in one session: state_dir +{grew_state} bytes, log +{grew_log} bytes")
+    assert grew_state < 2**20 // 4, grew_state
+    assert grew_log < 2**20 // 4, grew_log
+    assert f"repeated={n - 20}" in rig.log()
+    assert entries(box) == []

@@ -117,7 +117,7 @@ def test_commit_orders_fsync_file_then_claim_name_then_fsync_dir(
         real_link(*args, **kwargs)
 
     def rename(*args: Any, **kwargs: Any) -> None:
-        calls.append("claim")
+        calls.append("rename")
         real_rename(*args, **kwargs)
 
     monkeypatch.setattr(os, "fsync", fsync)
@@ -129,7 +129,9 @@ def test_commit_orders_fsync_file_then_claim_name_then_fsync_dir(
         up.write(b"data")
         calls.clear()
         up.commit()
-    assert calls == ["fsync file", "fchmod 640", "claim", "fsync dir"]
+    # replace gives the unnamed verified file a temp name (link), then renames it over.
+    claims = ["claim", "rename"] if policy == "replace" else ["claim"]
+    assert calls == ["fsync file", "fchmod 640", *claims, "fsync dir"]
 
 
 def test_abort_removes_the_temp(box: Path) -> None:
