@@ -25,6 +25,11 @@ class PeerClosed(TransportError):
 
 
 READ_SIZE = 256 * 1024
+#: How long, and how much, a server reads after its last line (rstash(7) "Closing the
+#: connection"): enough for what a pipelining client has in flight on a LAN, and little
+#: enough that a peer cannot keep a session alive by sending.
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 4 << 20
 
 
 class FdStream:
@@ -105,6 +110,42 @@ class FdStream:
             view = view[n:]
             if idle is not None:
                 deadline = time.monotonic() + idle
+
+
+    def finish(self, linger: float = LINGER_SECONDS, limit: int = LINGER_BYTES) -> None:
+        """Close our sending direction, then read and discard what the peer still sends until
+        it closes, for at most ``linger`` seconds and ``limit`` bytes.
+
+        A socket is shut down for writing; a pipe's write end is replaced by /dev/null (the fd
+        number stays taken). Unread bytes at close() make TCP send a reset instead of a FIN,
+        and a reset can destroy our last line before the peer reads it. Never raises.
+        """
+        try:
+            if self.wfd == self.rfd:
+                if is_socket(self.wfd):
+                    sock = socket.socket(fileno=os.dup(self.wfd))
+                    try:
+                        sock.shutdown(socket.SHUT_WR)
+                    finally:
+                        sock.close()
+            else:
+                null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+                try:
+                    os.dup2(null, self.wfd, inheritable=False)
+                finally:
+                    os.close(null)
+        except OSError:
+            pass
+        deadline = time.monotonic() + linger
+        taken = 0
+        while taken < limit:
+            try:
+                data = self.read(deadline, min(READ_SIZE, limit - taken))
+            except (PeerTimeout, TransportError):
+                return
+            if not data:
+                return
+            taken += len(data)
 
 
 PIPE_SIZE = 1 << 20
