@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import select
 import socket
+import stat
 import time
 from collections.abc import Callable
 
@@ -117,8 +118,9 @@ class FdStream:
         it closes, for at most ``linger`` seconds and ``limit`` bytes.
 
         A socket is shut down for writing; a pipe's write end is replaced by /dev/null (the fd
-        number stays taken). Unread bytes at close() make TCP send a reset instead of a FIN,
-        and a reset can destroy our last line before the peer reads it. Never raises.
+        number stays taken); anything else (a file) is left as it is. Unread bytes at close()
+        make TCP send a reset instead of a FIN, and a reset can destroy our last line before the
+        peer reads it. Never raises.
         """
         try:
             if self.wfd == self.rfd:
@@ -128,7 +130,7 @@ class FdStream:
                         sock.shutdown(socket.SHUT_WR)
                     finally:
                         sock.close()
-            else:
+            elif stat.S_ISFIFO(os.fstat(self.wfd).st_mode):  # ssh: sshd then ends the channel
                 null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
                 try:
                     os.dup2(null, self.wfd, inheritable=False)
@@ -158,7 +160,6 @@ def widen_pipe(fd: int) -> None:
     wake up for each; a failure here only costs speed.
     """
     import fcntl
-    import stat
 
     try:
         if stat.S_ISFIFO(os.fstat(fd).st_mode):
@@ -210,7 +211,6 @@ def normalise_address(addr: str) -> str:
 
 
 def is_socket(fd: int) -> bool:
-    import stat
 
     try:
         return stat.S_ISSOCK(os.fstat(fd).st_mode)
