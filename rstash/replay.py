@@ -22,13 +22,10 @@ import re
 import sqlite3
 import stat
 import time
-from typing import TYPE_CHECKING
 
 from rstash.errors import ClockSkew, ReplayRefused, StateUnavailable
+from rstash.state import StateDB, synchronous, transaction
 from rstash.statedir import check_state_dir
-
-if TYPE_CHECKING:
-    from rstash.state import StateDB
 
 #: Names beginning with "." can never be sent by a client (rstash(7) NAMES), so
 #: no delivery can take, replace or be confused with these.
@@ -49,6 +46,7 @@ class BelowFloor(ReplayRefused):
 
 
 def utc(t: int) -> str:
+    """``t`` as the time of day a log reader compares with a client's clock."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
@@ -129,9 +127,6 @@ def check_replay(db: StateDB, box: str, nonce: bytes, t: int, window: int, max_r
     :class:`ReplayRefused` (532; :class:`BelowFloor` when the time is the reason) or
     :class:`StateUnavailable` (451); never anything else for a database, state_dir or mark problem.
     """
-    from rstash.state import MAX_LIVE_ROWS, synchronous, transaction
-
-    max_rows = MAX_LIVE_ROWS if max_rows <= 0 else max_rows
     problem = check_state_dir(db.state_dir)
     if problem is not None:
         raise StateUnavailable(f"replay cache refused: {problem}")

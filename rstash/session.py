@@ -35,6 +35,7 @@ from .hello import HelloJudge, Verdict
 from .keys import UnusableKeys, load_box_keys, why_auth_failed
 from .log import Logger
 from .names import check_name
+from .replay import utc
 from .sessionlog import FileState, SessionLogging, SessionResult
 from .transport import FdStream
 
@@ -185,8 +186,7 @@ class ServerSession(SessionLogging):
         outcome = verdict.outcome
         assert outcome is not None and self.box is not None
         emit = self.log.error if outcome is Outcome.SESSION_ERROR else self.log.warning
-        after = None if verdict.floor is None else time.strftime(
-            "%Y-%m-%dT%H:%M:%SZ", time.gmtime(verdict.floor))
+        after = None if verdict.floor is None else utc(verdict.floor)
         emit(event="session", box=self.box.name, peer=self.peer, mode="pipe",
              outcome=outcome.log, code=outcome.code, reason=verdict.reason, detail=verdict.detail,
              floor=verdict.floor, accepted_after=after)
