@@ -88,14 +88,14 @@ class DeliveryLog:
         self.repeats.log_summary(self.log, box=box, peer=self.peer, key=key)
 
     def _prune(self, box: str) -> None:
-        from rstash.state import _transaction
+        from rstash.state import transaction
 
         self._unpruned[box] = 0
         if self._db is None:
             return
         try:
-            conn = self._db._connection()
-            with _transaction(conn):
+            conn = self._db.connection()
+            with transaction(conn):
                 prune_box(conn, box)
         except (sqlite3.Error, OSError) as e:
             self.log.debug(event="state", box=box, outcome="error", detail=f"pruning: {e}")

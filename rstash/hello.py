@@ -42,6 +42,8 @@ class Verdict:
     detail: str | None = None
     #: pipe mode: the client's clock minus ours, in seconds
     skew: int | None = None
+    #: pipe mode, refused as replayed for its time: the box's floor (streams made after it pass)
+    floor: int | None = None
 
 
 def peer_allowed(peer: str | None, networks: tuple[Network, ...]) -> bool:
@@ -119,6 +121,7 @@ class HelloJudge:
         if not box.pipe_mode:
             return Verdict(Outcome.PIPE_MODE_OFF, box, reason="pipe mode off")
         from rstash import state
+        from rstash.replay import BelowFloor, BoxMark
         from rstash.statedir import check_state_dir
 
         try:
@@ -126,13 +129,16 @@ class HelloJudge:
             if problem is not None:
                 raise StateUnavailable(problem)
             with state.StateDB(self.cfg.state_dir) as db:
-                db.check_replay(box.name, hello.nonce, hello.time, self.cfg.replay_window)
+                db.check_replay(box.name, hello.nonce, hello.time, self.cfg.replay_window,
+                                mark=BoxMark(box.path))
         except ClockSkew as e:
             return Verdict(Outcome.CLOCK_SKEW, box, reason=f"clock skew {e.skew:+d} s", skew=e.skew)
         except ReplayRefused as e:
             # detail tells "nonce already seen" from "not above the box's floor" (a stream
-            # made before the replay cache existed): the reply line must not, the admin must.
-            return Verdict(Outcome.REPLAYED, box, reason="replayed session", detail=e.message)
+            # no later than one the box already accepted, perhaps before state_dir was lost,
+            # and when streams pass again): the reply line must not, the admin must.
+            return Verdict(Outcome.REPLAYED, box, reason="replayed session", detail=e.message,
+                           floor=e.floor if isinstance(e, BelowFloor) else None)
         except RstashError as e:
             return Verdict(Outcome.SESSION_ERROR, box, detail=e.message)
         return None

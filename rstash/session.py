@@ -14,7 +14,6 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from . import auth, wire
@@ -36,31 +35,15 @@ from .hello import HelloJudge, Verdict
 from .keys import UnusableKeys, load_box_keys, why_auth_failed
 from .log import Logger
 from .names import check_name
+from .replay import utc
+from .sessionlog import FileState, SessionLogging, SessionResult
 from .transport import FdStream
 
 #: Files whose 250 lines may wait for one shared directory fsync.
 MAX_BATCH = 64
 
 
-@dataclass
-class SessionResult:
-    status: int = Exit.OK
-    files: int = 0
-    stored: int = 0
-    box: str | None = None
-    outcome: str = "truncated"
-
-
-@dataclass
-class _FileState:
-    header: wire.FileHeader
-    name: str
-    upload: Any = None  # store.Upload while receiving
-    replied: bool = False
-    started: float = field(default_factory=time.monotonic)
-
-
-class ServerSession:
+class ServerSession(SessionLogging):
     def __init__(self, cfg: Config, stream: FdStream, log: Logger, *, peer: str | None = None,
                  allowed_boxes: frozenset[str] | None = None,
                  on_stage: Callable[[str], None] | None = None) -> None:
@@ -84,11 +67,11 @@ class ServerSession:
         self.on_stage = on_stage or (lambda _stage: None)
         self.deliveries = DeliveryLog(cfg.state_dir, log, peer=peer)
         #: the file being received (FILE seen, END or ABORT not yet)
-        self._cur: _FileState | None = None
+        self._cur: FileState | None = None
         self.judge = HelloJudge(cfg, {}, allowed_boxes=allowed_boxes)
         self.unusable_keys: UnusableKeys = {}  # refused key files, per box: the log's only
         #: verified files (END checked) whose commit, directory fsync and reply are pending
-        self._ended: list[tuple[_FileState, Any, wire.End]] = []
+        self._ended: list[tuple[FileState, Any, wire.End]] = []
 
     # -- I/O --
 
@@ -138,6 +121,10 @@ class ServerSession:
             self._log_session(Outcome.TRUNCATED, detail=e.message)
             self.result.status = Exit.REFUSED
         finally:
+            # The last line is out: close our direction and take what the peer still sends
+            # (bounded), so that its unread bytes do not turn our close into a reset that
+            # destroys the line (rstash(7) "Closing the connection"). Hooks run after.
+            self.stream.finish()
             self._close()
         return self.result
 
@@ -199,8 +186,10 @@ class ServerSession:
         outcome = verdict.outcome
         assert outcome is not None and self.box is not None
         emit = self.log.error if outcome is Outcome.SESSION_ERROR else self.log.warning
+        after = None if verdict.floor is None else utc(verdict.floor)
         emit(event="session", box=self.box.name, peer=self.peer, mode="pipe",
-             outcome=outcome.log, code=outcome.code, reason=verdict.reason, detail=verdict.detail)
+             outcome=outcome.log, code=outcome.code, reason=verdict.reason, detail=verdict.detail,
+             floor=verdict.floor, accepted_after=after)
         self.result.outcome = outcome.log
         if outcome is Outcome.CLOCK_SKEW and verdict.skew is not None:
             self.send(wire.skew_line(verdict.skew))
@@ -241,7 +230,8 @@ class ServerSession:
             elif isinstance(event, wire.Bye):
                 self._flush_ended()
                 self.send(wire.bye_line(self.keys, event.count, self.result.stored))
-                self._log_session(Outcome.COMPLETE)
+                self._log_session(Outcome.COMPLETE, files=event.count)
+                return  # BYE is the client's last frame: after 221 the server closes
             elif isinstance(event, wire.ConnectionClosed):
                 self._flush_ended()
                 if event.clean:
@@ -253,28 +243,28 @@ class ServerSession:
 
     # -- files --
 
-    def _reply(self, st: _FileState, outcome: Outcome, **kw: Any) -> None:
+    def _reply(self, st: FileState, outcome: Outcome, **kw: Any) -> None:
         # Replies go out in FILE order: earlier files' 250 lines first.
         self._flush_ended()
         self._send_receipt(st, outcome, **kw)
 
-    def _send_receipt(self, st: _FileState, outcome: Outcome, **kw: Any) -> None:
+    def _send_receipt(self, st: FileState, outcome: Outcome, **kw: Any) -> None:
         assert self.keys is not None and outcome.code is not None
         st.replied = True
         self.send(wire.receipt_line(self.keys, st.header.index, outcome.code, st.header.name,
                                         reason=outcome.text, **kw))
 
-    def _refuse(self, st: _FileState, refused: Refused) -> None:
+    def _refuse(self, st: FileState, refused: Refused) -> None:
         if not st.header.dry_run:
             self.conn.discard_current()
         self._log_file(st, refused.outcome, reason=refused.reason, detail=refused.detail or None)
         self._reply(st, refused.outcome)
 
-    def _on_file(self, hdr: wire.FileHeader) -> _FileState:
+    def _on_file(self, hdr: wire.FileHeader) -> FileState:
         box = self.box
         assert box is not None
         self.result.files += 1
-        st = _FileState(hdr, hdr.name.decode("utf-8", "replace"))
+        st = FileState(hdr, hdr.name.decode("utf-8", "replace"))
         problem = check_name(hdr.name, box.allow_names, box.deny_names)
         if problem is not None:
             self._refuse(st, Refused(Outcome.NAME_NOT_ALLOWED, problem))
@@ -335,7 +325,7 @@ class ServerSession:
         # is gone before all its lines are out: the files are stored either way.
         lost: RstashError | None = None
 
-        def say(st: _FileState, outcome: Outcome, **kw: Any) -> None:
+        def say(st: FileState, outcome: Outcome, **kw: Any) -> None:
             nonlocal lost
             if lost is None:
                 try:
@@ -383,47 +373,6 @@ class ServerSession:
                 pass
             st.upload = None
             self._log_file(st, Outcome.UNFINISHED, detail="session ended before END")
-
-    # -- logging --
-
-    def _log_file(self, st: _FileState, outcome: Outcome, *, bytes_: int = 0,
-                  sha256: str | None = None, final: str | None = None, reason: str | None = None,
-                  detail: str | None = None) -> None:
-        if not self.deliveries.repeats.admit(outcome):
-            return
-        box = self.box
-        fields: dict[str, Any] = {
-            "event": "file", "box": box.name if box else None, "name": st.header.name,
-            "final": final if final != st.name else None, "bytes": bytes_, "sha256": sha256,
-            "peer": self.peer, "key": self.key.log_name() if self.key else None,
-            "outcome": outcome.log, "code": outcome.code, "reason": reason, "detail": detail,
-            "dur": time.monotonic() - st.started,
-        }
-        if st.header.dry_run:
-            fields["mode"] = "dry-run"
-        good = outcome in (Outcome.STORED, Outcome.WOULD_STORE)
-        (self.log.info if good else self.log.warning)(**fields)
-        self.deliveries.record(box=box.name if box else "",
-                               name=st.name if final is None else final, outcome=outcome,
-                               key=self.key.log_name() if self.key else None, bytes_=bytes_,
-                               sha256=sha256)
-
-    def _log_session(self, outcome: Outcome, **extra: Any) -> None:
-        if outcome in (Outcome.TIMEOUT, Outcome.TRUNCATED) and self.stream.bytes_in == 0:
-            outcome = Outcome.SILENT  # never a byte: fail2ban counts these apart (rstash-recv(8))
-        self.result.outcome = outcome.log
-        word = outcome.log
-        if outcome is Outcome.COMPLETE:
-            word = f"complete {self.result.files}"
-        elif outcome is Outcome.TRUNCATED:
-            word = f"truncated after {self.result.files}"
-        fields: dict[str, Any] = {
-            "event": "session", "box": self.box.name if self.box else None, "peer": self.peer,
-            "key": self.key.log_name() if self.key else None, "mode": self.mode,
-            "outcome": word, "code": outcome.code, "dur": time.monotonic() - self.started,
-            "stored": self.result.stored, **extra,
-        }
-        (self.log.info if outcome is Outcome.COMPLETE else self.log.warning)(**fields)
 
     def _close(self) -> None:
         self.deliveries.log_repeats(box=self.result.box, key=self.key.log_name() if self.key else None)

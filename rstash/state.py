@@ -7,7 +7,7 @@ or boxes.
 
 Two halves with opposite failure policies:
 
-* The **replay cache** (:meth:`StateDB.check_replay`) fails CLOSED. Any SQLite
+* The **replay cache** (:meth:`StateDB.check_replay`, whose rule is rstash.replay's) fails CLOSED. Any SQLite
   error, an unsafe ``state_dir`` or too many live rows raises
   :class:`StateUnavailable` (``451``); a replay raises :class:`ReplayRefused`
   (``532``). Nothing here may ever let an error look like an accepted nonce:
@@ -28,7 +28,7 @@ behalf) and a fresh one is opened.
 Schema (version 1)::
 
     meta(key TEXT PRIMARY KEY, value)            created = creation time, schema = 1
-    floors(box TEXT PRIMARY KEY, floor INTEGER)  absent row: floor = created
+    floors(box TEXT PRIMARY KEY, floor INTEGER)  absent row: never judged; seeded from the box's mark
     replay(box, nonce BLOB, t INTEGER, PRIMARY KEY(box, nonce))
     events(id, at REAL, box, name, outcome, code, bytes, sha256, peer, key)
     keys(key, box, last_used REAL, PRIMARY KEY(key, box))
@@ -43,10 +43,12 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from rstash.errors import ClockSkew, ReplayRefused, StateUnavailable
-from rstash.statedir import check_state_dir
+from rstash.errors import StateUnavailable
+
+if TYPE_CHECKING:
+    from rstash.replay import BoxMark
 
 DB_NAME = "rstash.db"
 SCHEMA_VERSION = 1
@@ -113,7 +115,7 @@ class StateDB:
 
     # -- connection --
 
-    def _connection(self) -> sqlite3.Connection:
+    def connection(self) -> sqlite3.Connection:
         """The writable connection of this process, opened (and the schema made) on demand."""
         if self.readonly:
             raise sqlite3.OperationalError("the state database was opened read-only")
@@ -148,12 +150,11 @@ class StateDB:
         if mode is None or str(mode[0]).lower() != "wal":
             raise sqlite3.OperationalError(f"journal_mode is {mode!r}, not wal")
         conn.execute("PRAGMA synchronous = FULL")
-        with _transaction(conn):
+        with transaction(conn):
             for statement in _SCHEMA:
                 conn.execute(statement)
-            # A new cache sets every box's floor to its creation time (rule 2): a
-            # stream made before the cache existed may have been accepted by a
-            # cache that is gone, so it is refused.
+            # "created" is for the record only: floors come from the boxes' marks
+            # (rstash.replay), not from the cache's age.
             conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('created', ?)",
                          (int(self.now()),))
             conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)",
@@ -201,55 +202,11 @@ class StateDB:
     # -- replay cache (fails closed) --
 
     def check_replay(self, box: str, nonce: bytes, t: int, window: int,
-                     max_rows: int = MAX_LIVE_ROWS) -> None:
-        """Accept a pipe-mode HELLO's (box, nonce, t) once, or raise (rstash(7) rule 2).
+                     max_rows: int = MAX_LIVE_ROWS, *, mark: BoxMark | None) -> None:
+        """Accept a pipe-mode HELLO's (box, nonce, t) once, or raise: see :func:`rstash.replay.check_replay`."""
+        from rstash.replay import check_replay
 
-        Returns only after the nonce is committed. Raises :class:`ClockSkew` (531),
-        :class:`ReplayRefused` (532) or :class:`StateUnavailable` (451); never
-        anything else for a database or state_dir problem.
-        """
-        problem = check_state_dir(self.state_dir)
-        if problem is not None:
-            raise StateUnavailable(f"replay cache refused: {problem}")
-        now = int(self.now())
-        if abs(now - t) > window:
-            raise ClockSkew(t - now)
-        try:
-            conn = self._connection()
-            _synchronous(conn, "FULL")
-            with _transaction(conn):
-                self._prune(conn, now - window)
-                if t <= self._floor(conn, box):
-                    raise ReplayRefused(f"replayed session: time {t} not above the box's floor")
-                row = conn.execute("SELECT count(*) FROM replay WHERE box = ?", (box,)).fetchone()
-                if row[0] >= max_rows:
-                    raise StateUnavailable(
-                        f"replay cache full: {row[0]} live nonces for box {box!r}")
-                try:
-                    conn.execute("INSERT INTO replay (box, nonce, t) VALUES (?, ?, ?)",
-                                 (box, nonce, t))
-                except sqlite3.IntegrityError:
-                    raise ReplayRefused("replayed session: nonce already seen") from None
-        except sqlite3.Error as exc:
-            raise StateUnavailable(f"replay cache {self.path}: {exc}") from exc
-        except (ValueError, OverflowError) as exc:
-            raise StateUnavailable(f"replay cache {self.path}: {exc}") from exc
-
-    def _floor(self, conn: sqlite3.Connection, box: str) -> int:
-        row = conn.execute("SELECT floor FROM floors WHERE box = ?", (box,)).fetchone()
-        return self._created if row is None else max(int(row[0]), self._created)
-
-    def _prune(self, conn: sqlite3.Connection, before: int) -> None:
-        # Raise each floor before deleting, so a pruned nonce can never come back.
-        pruned = conn.execute(
-            "SELECT box, max(t) FROM replay WHERE t < ? GROUP BY box", (before,)).fetchall()
-        for box, top in pruned:
-            conn.execute(
-                "INSERT INTO floors (box, floor) VALUES (?, ?)"
-                " ON CONFLICT (box) DO UPDATE SET floor = max(floor, excluded.floor)",
-                (box, max(int(top), self._floor(conn, box))))
-        if pruned:
-            conn.execute("DELETE FROM replay WHERE t < ?", (before,))
+        check_replay(self, box, nonce, t, window, max_rows, mark=mark)
 
     # -- delivery log (fails open) --
 
@@ -265,11 +222,11 @@ class StateDB:
         """
         try:
             at = float(self.now() if when is None else when)
-            conn = self._connection()
+            conn = self.connection()
             # The delivery log fails open: it needs no fsync per row (WAL with NORMAL
             # stays consistent; a power cut may lose its last rows, never a file).
-            _synchronous(conn, "NORMAL")
-            with _transaction(conn):
+            synchronous(conn, "NORMAL")
+            with transaction(conn):
                 conn.execute(
                     "INSERT INTO events (at, box, name, outcome, code, bytes, sha256, peer, key)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -318,7 +275,7 @@ class StateDB:
                     if conn is not None:
                         self._fill_status(conn, result, box, start)
             else:
-                self._fill_status(self._connection(), result, box, start)
+                self._fill_status(self.connection(), result, box, start)
         except sqlite3.Error as exc:
             raise StateUnavailable(f"state database {self.path}: {exc}") from exc
         return result
@@ -328,7 +285,7 @@ class StateDB:
                      start: float) -> None:
         # The IN lists spell out errors.REFUSAL_LOG_OUTCOMES (literal SQL, no string
         # building; tests/test_errors.py holds them equal).
-        with _transaction(conn, "BEGIN"):  # one snapshot for every query
+        with transaction(conn, "BEGIN"):  # one snapshot for every query
             rows = conn.execute(
                 "SELECT box, max(at), sum(outcome = 'stored' AND at >= ?),"
                 " sum(outcome IN ('auth_failed', 'error', 'exists', 'refused', 'temporary')"
@@ -405,19 +362,19 @@ class StateDB:
         """``query`` run on one snapshot; None when there is no database (read-only)."""
         try:
             if not self.readonly:
-                conn = self._connection()
-                with _transaction(conn, "BEGIN"):
+                conn = self.connection()
+                with transaction(conn, "BEGIN"):
                     return query(conn)
             with self._readonly_connection() as ro:
                 if ro is None:
                     return None
-                with _transaction(ro, "BEGIN"):
+                with transaction(ro, "BEGIN"):
                     return query(ro)
         except sqlite3.Error as exc:
             raise StateUnavailable(f"state database {self.path}: {exc}") from exc
 
 
-def _synchronous(conn: sqlite3.Connection, level: str) -> None:
+def synchronous(conn: sqlite3.Connection, level: str) -> None:
     """Set PRAGMA synchronous (outside a transaction): FULL for the replay cache."""
     conn.execute(f"PRAGMA synchronous = {level}")
 
@@ -431,7 +388,7 @@ def _read_meta(conn: sqlite3.Connection) -> int:
 
 
 @contextlib.contextmanager
-def _transaction(conn: sqlite3.Connection, begin: str = "BEGIN IMMEDIATE") -> Iterator[None]:
+def transaction(conn: sqlite3.Connection, begin: str = "BEGIN IMMEDIATE") -> Iterator[None]:
     """One explicit transaction: COMMIT when the block ends, ROLLBACK on any exception.
 
     IMMEDIATE takes the write lock up front (waiting busy_timeout), so two

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import select
 import socket
+import stat
 import time
 from collections.abc import Callable
 
@@ -25,6 +26,11 @@ class PeerClosed(TransportError):
 
 
 READ_SIZE = 256 * 1024
+#: How long, and how much, a server reads after its last line (rstash(7) "Closing the
+#: connection"): enough for what a pipelining client has in flight on a LAN, and little
+#: enough that a peer cannot keep a session alive by sending.
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 4 << 20
 
 
 class FdStream:
@@ -107,6 +113,43 @@ class FdStream:
                 deadline = time.monotonic() + idle
 
 
+    def finish(self, linger: float = LINGER_SECONDS, limit: int = LINGER_BYTES) -> None:
+        """Close our sending direction, then read and discard what the peer still sends until
+        it closes, for at most ``linger`` seconds and ``limit`` bytes.
+
+        A socket is shut down for writing; a pipe's write end is replaced by /dev/null (the fd
+        number stays taken); anything else (a file) is left as it is. Unread bytes at close()
+        make TCP send a reset instead of a FIN, and a reset can destroy our last line before the
+        peer reads it. Never raises.
+        """
+        try:
+            if self.wfd == self.rfd:
+                if is_socket(self.wfd):
+                    sock = socket.socket(fileno=os.dup(self.wfd))
+                    try:
+                        sock.shutdown(socket.SHUT_WR)
+                    finally:
+                        sock.close()
+            elif stat.S_ISFIFO(os.fstat(self.wfd).st_mode):  # ssh: sshd then ends the channel
+                null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+                try:
+                    os.dup2(null, self.wfd, inheritable=False)
+                finally:
+                    os.close(null)
+        except OSError:
+            pass
+        deadline = time.monotonic() + linger
+        taken = 0
+        while taken < limit:
+            try:
+                data = self.read(deadline, min(READ_SIZE, limit - taken))
+            except (PeerTimeout, TransportError):
+                return
+            if not data:
+                return
+            taken += len(data)
+
+
 PIPE_SIZE = 1 << 20
 
 
@@ -117,7 +160,6 @@ def widen_pipe(fd: int) -> None:
     wake up for each; a failure here only costs speed.
     """
     import fcntl
-    import stat
 
     try:
         if stat.S_ISFIFO(os.fstat(fd).st_mode):
@@ -169,7 +211,6 @@ def normalise_address(addr: str) -> str:
 
 
 def is_socket(fd: int) -> bool:
-    import stat
 
     try:
         return stat.S_ISSOCK(os.fstat(fd).st_mode)

@@ -11,6 +11,7 @@ from rstash import auth, wire
 from rstash.config import load_config
 from rstash.errors import Outcome
 from rstash.hello import HelloJudge, peer_allowed
+from rstash.replay import MARK_NAME
 
 
 def _setup(tmp_path: Path) -> tuple[HelloJudge, auth.Key, str]:
@@ -94,8 +95,11 @@ def test_a_pipe_stream_is_fresh_once_then_replayed_and_a_far_clock_is_skew(
         f'keys = ["{tmp_path / "vm1.key"}"]\npipe_mode = true\n')
     judge = HelloJudge(load_config(tmp_path / "recv.toml"), {"vm1": [key]})
     box = judge.cfg.boxes["vm1"]
-    hello = _pipe_hello(key, int(time.time()) + 2)  # above the new cache's floor
+    hello = _pipe_hello(key, int(time.time()) - 5)  # made before the cache exists: fine
+    assert not (tmp_path / "box" / MARK_NAME).exists()
     assert judge.judge_pipe(box, hello) is None
+    # The accepted time is in the box's mark, which outlives state_dir (rstash-recv(8) FILES).
+    assert (tmp_path / "box" / MARK_NAME).read_text() == f"{hello.time}\n"
     again = judge.judge_pipe(box, hello)
     assert again is not None and again.outcome is Outcome.REPLAYED
     skewed = judge.judge_pipe(box, _pipe_hello(key, int(time.time()) + 3600))

@@ -50,7 +50,7 @@ def test_pruning_keeps_the_newest_rows_and_every_keys_newest_stored_row(tmp_path
             db.log_event(box="vm1", name=f"x{i}", outcome="would_store", code=250, key="k1",
                          when=3.0 + i)
         db.log_event(box="vm2", name="other", outcome="refused", code=550, when=1.0)
-        conn = db._connection()
+        conn = db.connection()
         assert prune_box(conn, "vm1", keep=10) == 41
     rows = _rows(tmp_path)
     vm1 = [r for r in rows if r[0] == "vm1"]

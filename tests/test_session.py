@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import socket
 import threading
@@ -156,11 +157,47 @@ def test_the_log_says_complete_only_after_a_verified_bye(tmp_path: Path) -> None
     key, conf, log = _site(tmp_path)
     lines = _run(conf, log, _interactive(key, lambda c: _files(c, ["a", "b"]) + c.bye()))
     assert lines[-1].startswith(b"221 bye 2 ")
-    assert 'outcome="complete 2"' in log.read_text()
+    assert " outcome=complete code=221 " in log.read_text()
     _run(conf, log, _interactive(key, lambda c: _files(c, ["c", "d"])))  # no BYE
     text = log.read_text()
     assert 'outcome="truncated after 2"' in text
-    assert text.count('outcome="complete') == 1
+    assert text.count("outcome=complete") == 1
+
+
+def test_the_session_line_carries_the_counts_of_the_221_line(tmp_path: Path) -> None:
+    key, conf, log = _site(tmp_path)
+    # Three files, one refused (the name is taken): the wire says 2 stored.
+    lines = _run(conf, log, _interactive(key, lambda c: _files(c, ["a", "a", "b"]) + c.bye()))
+    assert lines[-1].startswith(b"221 bye 2 "), lines
+    [session] = [ln for ln in log.read_text().splitlines() if "event=session" in ln
+                 and "code=221" in ln]
+    # The outcome word carries no number of its own to be mistaken for the stored count.
+    assert re.search(r" outcome=complete code=221 .*\bfiles=3 stored=2$", session), session
+
+
+def test_after_221_the_server_closes_without_waiting_for_the_client(tmp_path: Path) -> None:
+    key, conf, log = _site(tmp_path)
+    srv, cli = socket.socketpair()
+    session = ServerSession(load_config(conf), FdStream(srv.fileno()), Logger(str(log)),
+                            peer="192.0.2.1")
+    t = threading.Thread(target=session.run, daemon=True)
+    t.start()
+    cli.settimeout(20)  # well below idle_timeout (60 s): only the server's close ends the read
+    rf = cli.makefile("rb")
+    c = wire.ClientConnection(key, "vm1")
+    c.receive_data(rf.readline())
+    assert isinstance(c.next_event(), wire.Greeting)
+    cli.sendall(c.hello(secrets.token_bytes(32), int(time.time())) + _files(c, ["a"]) + c.bye())
+    # Our side stays open for writing, like nc without -N.
+    rest = rf.read().splitlines()
+    t.join(20)
+    assert not t.is_alive()
+    assert rest[-1].startswith(b"221 bye 1 "), rest
+    cli.close()
+    srv.close()
+    text = log.read_text()
+    assert text.count("event=session") == 2, text  # authenticated, complete: no timeout line
+    assert "421" not in text
 
 
 def test_hook_output_reaches_the_log_escaped_on_one_line_and_cut_at_4_kib(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from rstash import state, statedir
+from rstash import replay, state, statedir
 from rstash.errors import ClockSkew, ReplayRefused, Reply, StateUnavailable
 from rstash.state import StateDB
 from rstash.statedir import check_state_dir, fstype_of, parse_mountinfo
@@ -103,29 +103,29 @@ def chown_tree(path: Path, uid: int) -> None:
 
 def test_fresh_nonce_is_accepted_and_committed_before_returning(db: StateDB, sdir: Path,
                                                                clock: Clock) -> None:
-    db.check_replay("vm1", nonce(1), T0 + 10, WINDOW)
+    db.check_replay("vm1", nonce(1), T0 + 10, WINDOW, mark=None)
     # A second, independent connection sees the row while the first is still open.
     with StateDB(sdir, now=clock) as other, pytest.raises(ReplayRefused):
-        other.check_replay("vm1", nonce(1), T0 + 10, WINDOW)
+        other.check_replay("vm1", nonce(1), T0 + 10, WINDOW, mark=None)
 
 
 def test_replayed_nonce_is_refused(db: StateDB) -> None:
-    db.check_replay("vm1", nonce(1), T0 + 10, WINDOW)
+    db.check_replay("vm1", nonce(1), T0 + 10, WINDOW, mark=None)
     with pytest.raises(ReplayRefused) as info:
-        db.check_replay("vm1", nonce(1), T0 + 10, WINDOW)
+        db.check_replay("vm1", nonce(1), T0 + 10, WINDOW, mark=None)
     assert info.value.reply == Reply.REPLAYED
 
 
 def test_replayed_nonce_is_refused_after_reopening(sdir: Path, clock: Clock) -> None:
     with StateDB(sdir, now=clock) as first:
-        first.check_replay("vm1", nonce(1), T0 + 10, WINDOW)
+        first.check_replay("vm1", nonce(1), T0 + 10, WINDOW, mark=None)
     with StateDB(sdir, now=clock) as second, pytest.raises(ReplayRefused):
-        second.check_replay("vm1", nonce(1), T0 + 20, WINDOW)
+        second.check_replay("vm1", nonce(1), T0 + 20, WINDOW, mark=None)
 
 
 def test_same_nonce_on_another_box_is_accepted(db: StateDB) -> None:
-    db.check_replay("vm1", nonce(1), T0 + 10, WINDOW)
-    db.check_replay("vm2", nonce(1), T0 + 10, WINDOW)
+    db.check_replay("vm1", nonce(1), T0 + 10, WINDOW, mark=None)
+    db.check_replay("vm2", nonce(1), T0 + 10, WINDOW, mark=None)
 
 
 @pytest.mark.parametrize(("offset", "skew"), [(WINDOW + 1, WINDOW + 1), (-WINDOW - 1, -WINDOW - 1)])
@@ -133,7 +133,7 @@ def test_time_outside_window_is_clock_skew_with_its_sign(db: StateDB, clock: Clo
                                                          skew: int) -> None:
     clock.t = T0 + 1000
     with pytest.raises(ClockSkew) as info:
-        db.check_replay("vm1", nonce(1), T0 + 1000 + offset, WINDOW)
+        db.check_replay("vm1", nonce(1), T0 + 1000 + offset, WINDOW, mark=None)
     assert info.value.skew == skew
     assert info.value.reply == Reply.CLOCK_SKEW
     assert info.value.message == f"clock skew {skew:+d} s"
@@ -142,60 +142,43 @@ def test_time_outside_window_is_clock_skew_with_its_sign(db: StateDB, clock: Clo
 def test_time_at_the_edge_of_the_window_is_accepted(db: StateDB, clock: Clock) -> None:
     db.status()  # creates the cache at T0
     clock.t = T0 + 1000
-    db.check_replay("vm1", nonce(1), T0 + 1000 + WINDOW, WINDOW)
-    db.check_replay("vm1", nonce(2), T0 + 1000 - WINDOW, WINDOW)
+    db.check_replay("vm1", nonce(1), T0 + 1000 + WINDOW, WINDOW, mark=None)
+    db.check_replay("vm1", nonce(2), T0 + 1000 - WINDOW, WINDOW, mark=None)
 
 
 def test_pruning_raises_the_floor_so_a_pruned_nonce_stays_refused(db: StateDB,
                                                                   clock: Clock) -> None:
-    db.check_replay("vm1", nonce(1), T0 + 50, WINDOW)  # the cache is created at T0
+    db.check_replay("vm1", nonce(1), T0 + 50, WINDOW, mark=None)
     clock.t = T0 + 1000
     # This call prunes nonce 1 (t < now - window) and must raise vm1's floor to T0 + 50.
-    db.check_replay("vm1", nonce(2), T0 + 1000, WINDOW)
+    db.check_replay("vm1", nonce(2), T0 + 1000, WINDOW, mark=None)
     # A wider window (config reload, or a clock stepped back) brings T0 + 50 back in range:
     # the nonce row is gone, only the floor remembers it.
     with pytest.raises(ReplayRefused, match="floor"):
-        db.check_replay("vm1", nonce(1), T0 + 50, 2000)
+        db.check_replay("vm1", nonce(1), T0 + 50, 2000, mark=None)
     with pytest.raises(ReplayRefused, match="floor"):
-        db.check_replay("vm1", nonce(3), T0 + 49, 2000)
-    db.check_replay("vm1", nonce(4), T0 + 51, 2000)
+        db.check_replay("vm1", nonce(3), T0 + 49, 2000, mark=None)
+    db.check_replay("vm1", nonce(4), T0 + 51, 2000, mark=None)
     # The floor is per box.
-    db.check_replay("vm2", nonce(1), T0 + 50, 2000)
+    db.check_replay("vm2", nonce(1), T0 + 50, 2000, mark=None)
 
 
 def test_pruning_keeps_live_nonces(db: StateDB, clock: Clock) -> None:
-    db.check_replay("vm1", nonce(1), T0 + 10, WINDOW)
+    db.check_replay("vm1", nonce(1), T0 + 10, WINDOW, mark=None)
     clock.t = T0 + 200
-    db.check_replay("vm1", nonce(2), T0 + 200, WINDOW)
+    db.check_replay("vm1", nonce(2), T0 + 200, WINDOW, mark=None)
     with pytest.raises(ReplayRefused):
-        db.check_replay("vm1", nonce(1), T0 + 10, WINDOW)
-
-
-def test_new_cache_refuses_a_time_not_after_its_creation(db: StateDB, clock: Clock) -> None:
-    # The cache is created on first use, at T0: streams made at or before then are refused.
-    with pytest.raises(ReplayRefused):
-        db.check_replay("vm1", nonce(1), T0 - 10, WINDOW)
-    with pytest.raises(ReplayRefused):
-        db.check_replay("vm1", nonce(2), T0, WINDOW)
-    db.check_replay("vm1", nonce(3), T0 + 1, WINDOW)
-
-
-def test_creation_time_is_kept_across_reopening(sdir: Path, clock: Clock) -> None:
-    with StateDB(sdir, now=clock) as first:
-        first.check_replay("vm1", nonce(1), T0 + 1, WINDOW)
-    clock.t = T0 + 100
-    with StateDB(sdir, now=clock) as second:
-        second.check_replay("vm1", nonce(2), T0 + 1, WINDOW)  # creation time is still T0
+        db.check_replay("vm1", nonce(1), T0 + 10, WINDOW, mark=None)
 
 
 def test_too_many_live_rows_fails_closed_and_stores_nothing(db: StateDB) -> None:
     for i in range(3):
-        db.check_replay("vm1", nonce(i), T0 + 10, WINDOW, max_rows=3)
+        db.check_replay("vm1", nonce(i), T0 + 10, WINDOW, max_rows=3, mark=None)
     with pytest.raises(StateUnavailable, match="full") as info:
-        db.check_replay("vm1", nonce(3), T0 + 10, WINDOW, max_rows=3)
+        db.check_replay("vm1", nonce(3), T0 + 10, WINDOW, max_rows=3, mark=None)
     assert info.value.reply == Reply.LOCAL_ERROR
-    db.check_replay("vm2", nonce(3), T0 + 10, WINDOW, max_rows=3)  # per box
-    db.check_replay("vm1", nonce(3), T0 + 10, WINDOW, max_rows=4)  # it was not inserted
+    db.check_replay("vm2", nonce(3), T0 + 10, WINDOW, max_rows=3, mark=None)  # per box
+    db.check_replay("vm1", nonce(3), T0 + 10, WINDOW, max_rows=4, mark=None)  # it was not inserted
 
 
 def test_corrupt_database_fails_closed_for_replay_and_open_for_log(sdir: Path,
@@ -203,7 +186,7 @@ def test_corrupt_database_fails_closed_for_replay_and_open_for_log(sdir: Path,
     (sdir / state.DB_NAME).write_bytes(b"this is not an SQLite database\n" * 200)
     with StateDB(sdir, now=clock) as d:
         with pytest.raises(StateUnavailable):
-            d.check_replay("vm1", nonce(1), T0 + 10, WINDOW)
+            d.check_replay("vm1", nonce(1), T0 + 10, WINDOW, mark=None)
         assert d.log_event(box="vm1", name="a", outcome="stored", code=250) is False
         assert d.last_error is not None
         with pytest.raises(StateUnavailable):
@@ -214,39 +197,39 @@ def test_corrupt_database_fails_closed_for_replay_and_open_for_log(sdir: Path,
 
 def test_sqlite_error_in_the_replay_path_is_never_success(db: StateDB,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    db.check_replay("vm1", nonce(1), T0 + 10, WINDOW)
+    db.check_replay("vm1", nonce(1), T0 + 10, WINDOW, mark=None)
 
-    def boom(self: StateDB, conn: sqlite3.Connection, box: str) -> int:
+    def boom(conn: sqlite3.Connection, box: str, mark: object) -> int:
         raise sqlite3.OperationalError("disk I/O error")
 
-    monkeypatch.setattr(StateDB, "_floor", boom)
+    monkeypatch.setattr(replay, "box_floor", boom)
     with pytest.raises(StateUnavailable, match="disk I/O error"):
-        db.check_replay("vm1", nonce(2), T0 + 10, WINDOW)
+        db.check_replay("vm1", nonce(2), T0 + 10, WINDOW, mark=None)
     monkeypatch.undo()
-    db.check_replay("vm1", nonce(2), T0 + 10, WINDOW)  # rolled back, connection still usable
+    db.check_replay("vm1", nonce(2), T0 + 10, WINDOW, mark=None)  # rolled back, connection still usable
 
 
 def test_read_only_state_dir_mode_fails_closed(sdir: Path, clock: Clock) -> None:
     sdir.chmod(0o500)
     with StateDB(sdir, now=clock) as d, pytest.raises(StateUnavailable, match="0500"):
-        d.check_replay("vm1", nonce(1), T0 + 10, WINDOW)
+        d.check_replay("vm1", nonce(1), T0 + 10, WINDOW, mark=None)
 
 
 def test_unwritable_database_fails_closed_even_past_the_dir_check(
         shared_tmp: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
     sdir = make_state_dir(shared_tmp / "state")
     with StateDB(sdir, now=clock) as d:
-        d.check_replay("vm1", nonce(1), T0 + 10, WINDOW)
+        d.check_replay("vm1", nonce(1), T0 + 10, WINDOW, mark=None)
     if IS_ROOT:
         chown_tree(sdir, NOBODY)
     sdir.chmod(0o500)
     # Isolate the SQLite failure: pretend the directory passed check_state_dir.
-    monkeypatch.setattr(state, "check_state_dir", lambda *a, **k: None)
+    monkeypatch.setattr(replay, "check_state_dir", lambda *a, **k: None)
 
     def attempt() -> bool:
         with StateDB(sdir, now=clock) as d:
             try:
-                d.check_replay("vm1", nonce(2), T0 + 10, WINDOW)
+                d.check_replay("vm1", nonce(2), T0 + 10, WINDOW, mark=None)
             except StateUnavailable:
                 return d.log_event(box="vm1", name="a", outcome="stored", code=250) is False
             return False
@@ -259,7 +242,7 @@ def test_unsafe_state_dir_fails_closed(tmp_path: Path, clock: Clock) -> None:
     loose.mkdir()
     loose.chmod(0o755)
     with StateDB(loose, now=clock) as d, pytest.raises(StateUnavailable, match="0755"):
-        d.check_replay("vm1", nonce(1), T0 + 10, WINDOW)
+        d.check_replay("vm1", nonce(1), T0 + 10, WINDOW, mark=None)
     assert not (loose / state.DB_NAME).exists()
 
 
@@ -274,7 +257,7 @@ def test_wal_synchronous_full_and_busy_timeout_are_set(db: StateDB, sdir: Path,
         return conn  # type: ignore[no-any-return]
 
     monkeypatch.setattr(sqlite3, "connect", traced)
-    db.check_replay("vm1", nonce(1), T0 + 10, WINDOW)
+    db.check_replay("vm1", nonce(1), T0 + 10, WINDOW, mark=None)
     # Many builds already default to FULL, so also check that it is asked for.
     assert any(re.fullmatch(r"PRAGMA synchronous\s*=\s*(FULL|2)", s, re.I) for s in statements)
     conn = db._conn
@@ -294,7 +277,7 @@ def _race(sdir: str, start: float, barrier: multiprocessing.synchronize.Barrier,
     with StateDB(sdir) as d:  # made after fork, as the server does
         barrier.wait()
         try:
-            d.check_replay("vm1", b"\x42" * 32, int(start) + 5, WINDOW)
+            d.check_replay("vm1", b"\x42" * 32, int(start) + 5, WINDOW, mark=None)
             results.put("accepted")
         except ReplayRefused:
             results.put("replayed")
@@ -319,20 +302,20 @@ def test_concurrent_checks_of_one_nonce_accept_exactly_one(sdir: Path) -> None:
 
 
 def test_connection_inherited_across_fork_is_replaced(db: StateDB) -> None:
-    db.check_replay("vm1", nonce(1), T0 + 10, WINDOW)
+    db.check_replay("vm1", nonce(1), T0 + 10, WINDOW, mark=None)
     parent_conn = db._conn
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child
         ok = False
         try:
-            db.check_replay("vm1", nonce(2), T0 + 10, WINDOW)
+            db.check_replay("vm1", nonce(2), T0 + 10, WINDOW, mark=None)
             ok = db._conn is not parent_conn
         finally:
             os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     with pytest.raises(ReplayRefused):  # the child's commit is visible to the parent
-        db.check_replay("vm1", nonce(2), T0 + 10, WINDOW)
+        db.check_replay("vm1", nonce(2), T0 + 10, WINDOW, mark=None)
 
 
 def test_read_only_handle_refuses_replay_checks(sdir: Path, clock: Clock) -> None:
@@ -340,7 +323,7 @@ def test_read_only_handle_refuses_replay_checks(sdir: Path, clock: Clock) -> Non
         d.log_event(box="vm1", name="a", outcome="stored", code=250)
     with StateDB(sdir, readonly=True, now=clock) as ro:
         with pytest.raises(StateUnavailable):
-            ro.check_replay("vm1", nonce(1), T0 + 10, WINDOW)
+            ro.check_replay("vm1", nonce(1), T0 + 10, WINDOW, mark=None)
         assert ro.log_event(box="vm1", name="b", outcome="stored", code=250) is False
 
 
@@ -502,7 +485,7 @@ def test_read_only_status_of_a_missing_database_creates_nothing(sdir: Path, cloc
         assert st["boxes"] == [] and st["keys"] == []
         assert ro.log_event(box="vm1", name="a", outcome="stored", code=250) is False
         with pytest.raises(StateUnavailable):
-            ro.check_replay("vm1", nonce(1), T0 + 10, WINDOW)
+            ro.check_replay("vm1", nonce(1), T0 + 10, WINDOW, mark=None)
     assert list(sdir.iterdir()) == []
 
 
@@ -541,7 +524,7 @@ def test_replay_commits_are_full_even_after_delivery_log_rows(db: StateDB,
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL for the log
     statements: list[str] = []
     conn.set_trace_callback(statements.append)
-    db.check_replay("vm1", nonce(7), T0 + 10, WINDOW)
+    db.check_replay("vm1", nonce(7), T0 + 10, WINDOW, mark=None)
     conn.set_trace_callback(None)
     pragmas = [s for s in statements if re.match(r"PRAGMA synchronous", s, re.I)]
     begin = next(i for i, s in enumerate(statements) if s.upper().startswith("BEGIN"))

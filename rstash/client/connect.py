@@ -33,6 +33,16 @@ class Connection:
         self.proc = proc
         self.stderr_tail = stderr_tail if stderr_tail is not None else []
         self.stderr_pump = stderr_pump
+        #: ends our sending direction only (after BYE: rstash(7) "Closing the connection")
+        self.half_closer: Callable[[], None] | None = None
+
+    def half_close(self) -> None:
+        """Tell the server we send nothing more, and keep reading."""
+        if self.half_closer is not None:
+            try:
+                self.half_closer()
+            except OSError:
+                pass
 
     def last_stderr_line(self, timeout: float = 5.0) -> str | None:
         """ssh's last stderr line, read after ssh exited and its stderr reached EOF.
@@ -91,7 +101,9 @@ def spawn(argv: list[str], *, keep_stderr: bool = False) -> Connection:
     widen_pipe(proc.stdin.fileno())
     widen_pipe(proc.stdout.fileno())
     stream = FdStream(proc.stdout.fileno(), proc.stdin.fileno())
-    return Connection(stream, [proc.stdin.close, proc.stdout.close], proc, tail, pump_thread)
+    conn = Connection(stream, [proc.stdin.close, proc.stdout.close], proc, tail, pump_thread)
+    conn.half_closer = proc.stdin.close  # ssh sends EOF on the channel
+    return conn
 
 
 def connect(dest: Dest, opts: Options) -> Connection:
@@ -111,4 +123,6 @@ def connect(dest: Dest, opts: Options) -> Connection:
     except OSError as e:
         raise TransportError(f"{dest.host} port {port}: {e.strerror or e}") from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return Connection(FdStream(sock.fileno()), [sock.close])
+    conn = Connection(FdStream(sock.fileno()), [sock.close])
+    conn.half_closer = lambda: sock.shutdown(socket.SHUT_WR)
+    return conn

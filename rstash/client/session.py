@@ -329,6 +329,7 @@ class Session:
         self.write(self.proto.bye())
         if self.conn is None:
             return
+        self.conn.half_close()
         deadline = self._deadline()
         while self.done is None:
             if time.monotonic() > deadline:
