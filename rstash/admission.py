@@ -58,6 +58,8 @@ class Stage(Enum):
     HELLO = "hello"
     #: ``235`` sent
     AUTHENTICATED = "authenticated"
+    #: its last line (``535``, ``421``…) sent before ``235``; lingering until the peer closes
+    DONE = "done"
 
 
 @dataclass
@@ -121,7 +123,7 @@ def decide(slots: Iterable[Slot], peer: str | None, now: float, *, max_sessions:
     if networks is not None and not peer_allowed(peer, networks):
         return Decision(False, NOT_ALLOWED)
     live = [s for s in slots if not s.evicted]
-    pre = [s for s in live if s.stage is not Stage.AUTHENTICATED]
+    pre = [s for s in live if s.stage in (Stage.SILENT, Stage.HELLO)]
     group = peer_group(peer)
     held = Counter(s.group for s in pre)
     if held[group] >= max_preauth_per_peer:
@@ -133,6 +135,9 @@ def decide(slots: Iterable[Slot], peer: str | None, now: float, *, max_sessions:
         full = "preauth_sessions"
     if full is None:
         return Decision(True)
+    lingering = [s for s in live if s.stage is Stage.DONE]
+    if lingering:  # its last line is out: ending the linger early costs its peer nothing
+        return Decision(True, evict=min(lingering, key=lambda s: s.started))
     victim = _victim(pre, held, group, now)
     if victim is None:
         return Decision(False, full)

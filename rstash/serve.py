@@ -37,6 +37,7 @@ parent, and never run a session in the parent process.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -69,7 +70,7 @@ KILL_AFTER = 5.0
 #: Connections accepted per listener per wake-up, so that one busy listener cannot starve the rest.
 ACCEPT_BATCH = 32
 #: The bytes a child writes to its pipe: a whole HELLO is in; its ``235`` is out.
-_HELLO, _AUTHENTICATED = b"H", b"A"
+_HELLO, _AUTHENTICATED, _DONE = b"H", b"A", b"D"
 
 
 @dataclass
@@ -203,7 +204,9 @@ class Server:
             child.stage = Stage.HELLO
         if _AUTHENTICATED in data:
             child.stage = Stage.AUTHENTICATED
-        if not data or child.stage is Stage.AUTHENTICATED:
+        elif _DONE in data:
+            child.stage = Stage.DONE
+        if not data or child.stage in (Stage.AUTHENTICATED, Stage.DONE):
             os.close(child.pipe)
             child.pipe = None
 
@@ -235,7 +238,7 @@ class Server:
     def _handle(self, conn: socket.socket, addr: Any) -> None:
         peer = peer_address(conn.fileno())
         for child in list(self.children.values()):  # the latest word from every child first
-            if child.pipe is not None and child.stage is Stage.SILENT:
+            if child.pipe is not None and child.stage in (Stage.SILENT, Stage.HELLO):
                 self._read_child_pipe(child)
         cfg = self.cfg
         verdict = decide(self.children.values(), peer, time.monotonic(),
@@ -252,12 +255,12 @@ class Server:
             self._refuse(conn, peer, f"fork failed: {e.strerror}")
 
     def _evict(self, child: _Child) -> None:
-        """End a silent child to make room (rstash.admission); its peer is logged ``silent``."""
+        """End a silent or lingering child to make room (rstash.admission)."""
         child.evicted = True
-        silent_for = time.monotonic() - child.started
-        self.log.warning(event="session", peer=child.peer or "unknown", outcome="silent",
-                         reason="evicted", detail=f"pid {child.pid} silent {silent_for:.1f} s "
-                                                  "while the pre-auth share was full")
+        if child.stage is not Stage.DONE:  # a lingering one has logged its own outcome
+            self.log.warning(event="session", peer=child.peer or "unknown", outcome="silent", reason="evicted",
+                             detail=f"pid {child.pid} silent {time.monotonic() - child.started:.1f} s "
+                                    "while the pre-auth share was full")
         try:
             os.kill(child.pid, signal.SIGTERM)
         except ProcessLookupError:
@@ -323,10 +326,8 @@ class Server:
         os.close(self._wake_w)
 
         def tell(stage: str) -> None:
-            try:
-                os.write(pipe_w, _HELLO if stage == "hello" else _AUTHENTICATED)
-            except OSError:
-                pass
+            with contextlib.suppress(OSError):
+                os.write(pipe_w, {"hello": _HELLO, "done": _DONE}.get(stage, _AUTHENTICATED))
 
         return run_session(cfg, self.log, conn.fileno(), peer=peer, boxes=self.boxes, on_stage=tell)
 

@@ -124,6 +124,8 @@ class ServerSession(SessionLogging):
             # The last line is out: close our direction and take what the peer still sends
             # (bounded), so that its unread bytes do not turn our close into a reset that
             # destroys the line (rstash(7) "Closing the connection"). Hooks run after.
+            if self.keys is None:
+                self.on_stage("done")  # a pre-auth linger holds no slot a newcomer needs
             self.stream.finish()
             self._close()
         return self.result

@@ -280,3 +280,21 @@ def test_the_parent_reads_every_childs_word_then_ends_the_silent_one(
             os.close(w)
         server.children.clear()
         server._close()
+
+
+# --------------------------------------------------------------------------- lingering sessions
+
+
+def test_a_session_lingering_after_its_535_holds_no_preauth_slot() -> None:
+    # Bad HELLOs answered with 535 and closed within their linger must not keep the share
+    # full: they are not counted as pre-auth and the newcomer gets in without ending anyone.
+    slots = [slot(100 + i, f"127.0.0.{2 + i % 4}", 0.5, Stage.DONE) for i in range(16)]
+    assert admit(slots, "127.0.0.1") == Decision(True)
+    assert admit(slots, "127.0.0.2") == Decision(True)
+
+
+def test_when_every_process_is_taken_a_lingering_session_is_ended_before_a_silent_one() -> None:
+    lingering = slot(7, "127.0.0.9", 0.1, Stage.DONE)
+    slots = [*attack(), lingering, *(slot(200 + i, "127.0.0.1", 1, Stage.AUTHENTICATED) for i in range(47))]
+    assert len(slots) == 64
+    assert admit(slots, "127.0.0.1") == Decision(True, evict=lingering)
