@@ -27,6 +27,7 @@ import fcntl
 import os
 import re
 import stat
+import struct
 import time
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
@@ -43,15 +44,17 @@ if TYPE_CHECKING:
     from rstash.log import Logger
     from rstash.store import BoxStore
 
-#: The box's lock file: an fcntl(2) lock on it serialises retention across every
-#: process, and across receivers on one shared volume wherever fcntl locks reach
-#: every node (rstash-recv(8) SECURITY). Hidden, so never a client's name.
+#: The box's lock file: an OFD lock (fcntl(2) F_OFD_SETLK) on it serialises retention
+#: across every process, and across receivers on one shared volume wherever such
+#: locks reach every node (rstash-recv.toml(5) RETENTION). Hidden: never a client's name.
 LOCK_NAME = ".rstash-lock"
 #: How long a session waits for another session's retention before leaving the
 #: work to the next store of the group.
 LOCK_WAIT = 30.0
 
 _LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+#: struct flock (Linux): a write lock on the whole file; l_pid 0, as OFD locks require.
+_WHOLE_FILE = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
 
 # The default group rule (rstash-recv.toml(5) RETENTION, with its table of
 # examples, which tests/test_retention.py reads from the page): a "~N" counter
@@ -247,7 +250,7 @@ def apply(dir_fd: int, rules: Rules, *, owner: int, only: Collection[str] | None
             except OSError as e:
                 done.problems.append(f"fsync box: {e.strerror or e}")
     finally:
-        os.close(lock)  # releases the fcntl lock
+        os.close(lock)  # releases the OFD lock
     return done
 
 
@@ -276,7 +279,10 @@ def _remove(dir_fd: int, r: Removal, rules: Rules, owner: int) -> str | None:
 
 
 def _lock(dir_fd: int, wait: float) -> int:
-    """The box's lock file, open and locked; -1 when it stayed locked for ``wait`` s."""
+    """The box's lock file, open and locked; -1 when it stayed locked for ``wait`` s.
+
+    Closing the descriptor releases the lock.
+    """
     fd = os.open(LOCK_NAME, _LOCK_FLAGS, 0o600, dir_fd=dir_fd)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -284,9 +290,11 @@ def _lock(dir_fd: int, wait: float) -> int:
         deadline = time.monotonic() + wait
         while True:
             try:
-                # A POSIX record lock (fcntl F_SETLK), not flock(2): file systems shared
-                # by several hosts (NFS, GlusterFS) carry these between nodes.
-                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                # An OFD lock: a record lock owned by this open file, so no other close()
+                # in the process drops it (a classic POSIX lock would go), and shared file
+                # systems (GlusterFS, NFSv4, CephFS) carry it between hosts, where flock(2)
+                # on a directory stays local to one host on GlusterFS.
+                fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _WHOLE_FILE)
                 return fd
             except OSError as exc:
                 if exc.errno not in (errno.EAGAIN, errno.EACCES):

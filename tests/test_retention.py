@@ -268,6 +268,22 @@ def test_apply_waits_for_the_boxs_fcntl_lock_and_gives_up_without_removing(box: 
     assert len(done.removed) == 4
 
 
+def test_the_lock_belongs_to_the_open_file_not_the_process(box: Path) -> None:
+    """An OFD lock: a lock this very process holds through another descriptor excludes it
+    (a classic POSIX lock would be the process's own and pass, and any close() of another
+    descriptor of the file would drop it)."""
+    for d in range(1, 4):
+        put(box, f"db-2020-01-0{d}.sql.gz", 100 - d)
+    fd = os.open(box / retention.LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        done = apply(box, Rules(keep_last=1, keep_min_age=0), only=None, lock_wait=0.2)
+        assert done.removed == [] and "held" in done.problems[0]
+    finally:
+        os.close(fd)
+    assert len(apply(box, Rules(keep_last=1, keep_min_age=0), only=None).removed) == 2
+
+
 def _store_and_apply(box: str, name: str, start: Any, out: Any) -> None:
     start.wait(30)
     with BoxStore(box) as s:
