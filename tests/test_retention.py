@@ -353,6 +353,18 @@ def test_a_session_removes_old_files_of_the_stored_group_after_its_replies_and_r
     assert ("vm1", "removed", 4) in counts and ("vm1", "stored", 1) in counts
 
 
+def test_retention_runs_after_the_sessions_hooks(tmp_path: Path) -> None:
+    seen = tmp_path / "seen"
+    box = tmp_path / "box"
+    key, conf, log = _site(tmp_path, keep_last="1", keep_min_age="0",
+                           on_receive=f'["/bin/sh", "-c", "ls {box} > {seen}"]')
+    put(box, "db-2026-10-01.sql.gz", 30)
+    lines = _run(conf, log, _interactive(key, lambda c: _files(c, ["db-2026-11-26.sql.gz"]) + c.bye()))
+    assert lines[2].startswith(b"250 stored")
+    assert seen.read_text().split() == ["db-2026-10-01.sql.gz", "db-2026-11-26.sql.gz"]
+    assert sorted(os.listdir(box)) == [retention.LOCK_NAME, "db-2026-11-26.sql.gz"]
+
+
 def test_a_session_that_stores_nothing_removes_nothing(tmp_path: Path) -> None:
     key, conf, log = _site(tmp_path, keep_last="1", keep_min_age="0", overwrite='"refuse"')
     box = tmp_path / "box"
