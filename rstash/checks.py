@@ -222,8 +222,9 @@ def _check_retention(box: BoxConfig, user: ServiceUser, report: Report) -> None:
         return
     report.add(box.name, "info", f"retention {rules.describe()}")
     try:
-        # Root without --user judges no owner: the list may name a file the server would not remove.
-        plan = retention.dry_run(box.path, box, None if user.guessed_root else user.uid)
+        # Root without --user: the box's owner stands in for the service user, as above.
+        owner = os.lstat(box.path).st_uid if user.guessed_root else user.uid
+        plan = retention.dry_run(box.path, box, owner)
     except OSError as e:
         report.add(box.name, "warning", f"cannot list the box for retention: {e.strerror or e}")
         return
