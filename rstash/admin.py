@@ -201,6 +201,7 @@ def status(path: str, box: str | None, *, as_json: bool, stale_after: str | None
     try:
         db = state.status(box)
         has_log = state.log_exists()
+        removed = {b: n for b, o, n in state.outcome_counts(float(db["since"])) if o == "removed"}
     except RstashError as e:
         _err(e.message)
         return Exit.REFUSED
@@ -210,7 +211,8 @@ def status(path: str, box: str | None, *, as_json: bool, stale_after: str | None
         return Exit.REFUSED
     now = float(db["now"])
     names = sorted(set(cfg.boxes) | set(logged)) if box is None else [box]
-    boxes = [_box_status(name, cfg, logged.get(name), now, limit) for name in names]
+    boxes = [_box_status(name, cfg, logged.get(name), now, limit, removed.get(name, 0))
+             for name in names]
     keys = _key_status(cfg, db["keys"], box)
     result = {
         "config": str(cfg.source),
@@ -241,7 +243,7 @@ def _event(row: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def _box_status(name: str, cfg: Config, row: dict[str, Any] | None, now: float,
-                limit: float | None) -> dict[str, Any]:
+                limit: float | None, removed: int = 0) -> dict[str, Any]:
     conf = cfg.boxes.get(name)
     last_stored = _event(row["last_stored"] if row else None)
     stale = False
@@ -255,6 +257,8 @@ def _box_status(name: str, cfg: Config, row: dict[str, Any] | None, now: float,
         "last_refused": _event(row["last_refused"] if row else None),
         "stored_24h": int(row["stored_count"]) if row else 0,
         "refused_24h": int(row["refused_count"]) if row else 0,
+        "removed_24h": removed,
+        "retention": conf is not None and (conf.keep_last is not None or conf.keep_days is not None),
         "stale": stale,
     }
 
@@ -325,7 +329,9 @@ def _print_status(result: dict[str, Any], out: TextIO) -> None:
             out.write(f"  last refused  {_word(r['name'] or '-')} {r['time']} "
                       f"({human_age(now - r['timestamp'])} ago) {r['code']} {r['outcome']}"
                       f"{_from(r)}\n")
-        out.write(f"  last 24 h     {b['stored_24h']} stored, {b['refused_24h']} refused\n")
+        removed = f", {b['removed_24h']} removed by retention" \
+            if b.get("removed_24h") or b.get("retention") else ""
+        out.write(f"  last 24 h     {b['stored_24h']} stored, {b['refused_24h']} refused{removed}\n")
     if result["keys"]:
         out.write("\nkeys\n")
     for k in result["keys"]:

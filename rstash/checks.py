@@ -204,8 +204,38 @@ def _check_box(box: BoxConfig, cfg: Config, user: ServiceUser, report: Report) -
     report.add(name, "info", f"pipe_mode {'on' if box.pipe_mode else 'off'}")
     if box.on_receive:
         report.add(name, "info", f"on_receive {_words(box.on_receive)}")
+    _check_retention(box, user, report)
     for key in box.keys:
         _check_key(name, key, user, report)
+
+
+#: --check-config names at most this many files retention would remove, per box.
+MAX_LISTED = 50
+
+
+def _check_retention(box: BoxConfig, user: ServiceUser, report: Report) -> None:
+    """The rules, and what they would remove from the box as it is now."""
+    from rstash import retention
+
+    rules = retention.Rules.of(box)
+    if not rules.active:
+        return
+    report.add(box.name, "info", f"retention {rules.describe()}")
+    try:
+        # Root without --user: the box's owner stands in for the service user, as above.
+        owner = os.lstat(box.path).st_uid if user.guessed_root else user.uid
+        plan = retention.dry_run(box.path, box, owner)
+    except OSError as e:
+        report.add(box.name, "warning", f"cannot list the box for retention: {e.strerror or e}")
+        return
+    for r in plan[:MAX_LISTED]:
+        report.add(box.name, "info",
+                   f"retention would remove {_word(r.entry.name)} ({human_size(r.entry.size)}, "
+                   f"{human_age(r.age)} old, group {_word(r.group)}: {r.reason})")
+    if len(plan) > MAX_LISTED:
+        report.add(box.name, "info", f"retention would remove {len(plan) - MAX_LISTED} more files")
+    if not plan:
+        report.add(box.name, "info", "retention would remove nothing now")
 
 
 def _check_box_dir(box: BoxConfig, cfg: Config, user: ServiceUser, report: Report) -> None:

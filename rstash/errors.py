@@ -134,6 +134,8 @@ class Outcome(Enum):
     ABORTED = (Reply.ABORTED, "aborted", "aborted", "error", Exit.LOCAL)
     #: a file's transfer ended with the session, before its END
     UNFINISHED = (None, "", "error", "error", Exit.LOCAL)
+    #: removed by the box's retention rules after a newer file of its group was stored
+    REMOVED = (None, "", "removed", "removed", Exit.OK)
 
     #: BYE answered: the session ended as the protocol defines
     COMPLETE = (Reply.BYE, "bye", "complete", "stored", Exit.OK)
@@ -206,7 +208,8 @@ class Outcome(Enum):
 #: The outcomes the delivery log records, one word each (--status, --metrics).
 DELIVERY_OUTCOMES = frozenset(o.log for o in (
     Outcome.STORED, Outcome.WOULD_STORE, Outcome.EXISTS, Outcome.TOO_LARGE,
-    Outcome.INSUFFICIENT_STORAGE, Outcome.ABORTED, Outcome.UNFINISHED, Outcome.AUTH_FAILED))
+    Outcome.INSUFFICIENT_STORAGE, Outcome.ABORTED, Outcome.UNFINISHED, Outcome.AUTH_FAILED,
+    Outcome.REMOVED))
 #: Log outcomes that --status counts as refusals.
 REFUSAL_LOG_OUTCOMES = frozenset({"exists", "refused", "temporary", "error", "auth_failed"})
 

@@ -206,6 +206,7 @@ def _check(path: str, box: str | None, as_json: bool, warn: float | None, crit: 
             raise _Unknown(f"no delivery log yet: {db.path} does not exist (the server's first "
                            f"session creates it; is state_dir the server's? rstash-recv --check-config)")
         data = db.status(box)
+        removed = {b: n for b, o, n in db.outcome_counts(float(data["since"])) if o == "removed"}
         newest = [(db.newest_stored(r.box, r.matches), db.newest_stored(r.box, r.met_by))
                   for r in rules]
     except RstashError as e:
@@ -218,7 +219,7 @@ def _check(path: str, box: str | None, as_json: bool, warn: float | None, crit: 
     limit = warn if warn is not None else crit
     names = sorted(set(cfg.boxes) | set(logged)) if box is None else [box]
     # The report of plain --status, so that its long text and JSON stay what they were.
-    boxes = [admin._box_status(n, cfg, logged.get(n), now, limit) for n in names]
+    boxes = [admin._box_status(n, cfg, logged.get(n), now, limit, removed.get(n, 0)) for n in names]
     items: list[tuple[str, _Item]] = []
     perf: list[str] = []
     limits = (_num(warn) if warn is not None else "", _num(crit) if crit is not None else "")

@@ -36,6 +36,7 @@ from .keys import UnusableKeys, load_box_keys, why_auth_failed
 from .log import Logger
 from .names import check_name
 from .replay import utc
+from .retention import after_store
 from .sessionlog import FileState, SessionLogging, SessionResult
 from .transport import FdStream
 
@@ -341,6 +342,7 @@ class ServerSession(SessionLogging):
                 say(st, final.outcome)
                 continue
             self.result.stored += 1
+            self.result.finals.append(final)
             digest = end.sha256.hex()
             say(st, Outcome.STORED, final_name=final.encode("utf-8"), n=end.n, sha256=end.sha256)
             self._log_file(st, Outcome.STORED, bytes_=end.n, sha256=digest, final=final)
@@ -381,6 +383,8 @@ class ServerSession(SessionLogging):
         if self.hooks is not None:
             self.hooks.close()
         if self.store is not None:
+            after_store(self.store, self.box, self.result.finals, self.log, self.deliveries,
+                        key=self.key.log_name() if self.key else None, peer=self.peer)  # after replies
             self.store.close()
         self.deliveries.close()
 

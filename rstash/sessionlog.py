@@ -30,6 +30,8 @@ class SessionResult:
     stored: int = 0
     box: str | None = None
     outcome: str = "truncated"
+    #: final names of the files stored: their groups get the box's retention at close
+    finals: list[str] = field(default_factory=list)
 
 
 @dataclass

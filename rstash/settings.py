@@ -94,6 +94,26 @@ def _duration(value: object) -> float:
     return seconds
 
 
+def _keep_days(value: object) -> float:
+    """Days as a number, or a duration with its unit (``"36h"``); stored as seconds."""
+    if isinstance(value, str):
+        if value.strip()[-1:].isdigit():
+            raise ValueError(f"write a number of days (keep_days = 30) or a duration with its "
+                             f"unit (\"36h\"), not {value!r}")
+        return _duration(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"must be a number of days or a duration string, not {toml_kind(value)}")
+    return _duration(value * 86400)
+
+
+def _min_age(value: object) -> float:
+    return parse_duration(value)  # type: ignore[arg-type]  # checks the type itself; 0 is off
+
+
+def _days(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds / 86400
+
+
 def _replay_window(value: object) -> int:
     seconds = parse_duration(value)  # type: ignore[arg-type]  # checks the type itself
     if seconds != int(seconds):
@@ -178,6 +198,13 @@ def array_of(item: Check) -> Callable[[object], tuple[Any, ...]]:
 
 
 check_strings = array_of(check_string)
+
+
+def _pattern(value: object) -> str:
+    text = check_string(value, "a pattern like \"db-*.sql.gz\"")
+    if not text or "/" in text:
+        raise ValueError(f"must be a file name pattern without '/', not {text!r}")
+    return text
 
 
 def _on_receive(value: object) -> tuple[str, ...] | None:
@@ -270,6 +297,14 @@ class BoxPolicy:
                                                                       empty="any"))
     pipe_mode: bool = field(default=False, metadata=meta(_boolean))
     on_receive: tuple[str, ...] | None = field(default=None, metadata=meta(_on_receive))
+    #: retention (rstash.retention): keep the N newest files of each group ...
+    keep_last: int | None = field(default=None, metadata=meta(_count))
+    #: ... and every file younger than this many seconds (written in days) ...
+    keep_days: float | None = field(default=None, metadata=meta(_keep_days, _days))
+    #: ... and never remove a file younger than this, whatever a key holder stores
+    keep_min_age: float = field(default=7 * 86400.0, metadata=meta(_min_age))
+    groups: tuple[str, ...] = field(default=(), metadata=meta(array_of(_pattern),
+                                                              empty="by name"))
 
     def __post_init__(self) -> None:
         # The store's own guard: a policy built without config.py obeys the same rules.
@@ -287,7 +322,7 @@ def settings_fields(cls: type[ServerSettings] | type[BoxPolicy]) -> tuple[Field[
 
 
 def empty_means(name: str) -> str:
-    """What an empty list means for the box setting ``name`` ("any" or "none")."""
+    """What an empty list means for the box setting ``name`` ("any", "none", "by name")."""
     for f in settings_fields(BoxPolicy):
         if f.name == name:
             return str(f.metadata["empty"])

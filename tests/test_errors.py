@@ -57,5 +57,7 @@ def test_every_per_file_outcome_is_a_word_of_the_delivery_log() -> None:
     per_file = [Outcome.STORED, Outcome.WOULD_STORE, Outcome.EXISTS, Outcome.TOO_LARGE,
                 Outcome.QUOTA, Outcome.NAME_NOT_ALLOWED, Outcome.INSUFFICIENT_STORAGE,
                 Outcome.LOCAL_ERROR, Outcome.ABORTED, Outcome.UNFINISHED]
-    assert {o.log for o in per_file} | {"auth_failed"} == DELIVERY_OUTCOMES
+    # Besides the per-file outcomes: failed authentication and retention's removals.
+    assert {o.log for o in per_file} | {"auth_failed", Outcome.REMOVED.log} == DELIVERY_OUTCOMES
     assert REFUSAL_LOG_OUTCOMES < DELIVERY_OUTCOMES
+    assert not Outcome.REMOVED.refusal and Outcome.REMOVED.code is None
