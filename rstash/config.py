@@ -24,7 +24,7 @@ from __future__ import annotations
 import glob
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -34,7 +34,9 @@ from rstash.errors import ConfigError
 from rstash.names import BOX_NAME_RE, is_box_name
 from rstash.settings import (
     DEFAULT_CONFIG,
+    BoxConfig,
     BoxPolicy,
+    Config,
     ServerSettings,
     array_of,
     check_abs_path,
@@ -100,31 +102,6 @@ _BoxTable = _table("_BoxTable", BoxPolicy, builtin=False,
                    keys=(_checked(array_of(lambda v: check_string(v, "a path"))), None))
 
 _BOX_FIELDS = frozenset(_BoxTable.model_fields)
-
-
-# ---------------------------------------------------------------------------
-# The effective settings: the settings dataclasses plus what only a loaded file has.
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class BoxConfig(BoxPolicy):
-    """One box's effective settings, after [defaults]."""
-
-    name: str
-    path: Path
-    keys: tuple[Path, ...]
-    #: the file whose [box.NAME] table defined this box
-    source: Path = Path(DEFAULT_CONFIG)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Config(ServerSettings):
-    """rstash-recv's whole effective configuration."""
-
-    source: Path
-    boxes: dict[str, BoxConfig] = field(default_factory=dict)
-    #: problems that do not stop the server, one line each, formatted like errors
-    warnings: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------------------

@@ -240,9 +240,10 @@ def _serve(args: argparse.Namespace) -> int:
     # No third-party pydantic plugins (entry points of whatever else is installed)
     # run inside a serving process; skipping their scan also shortens start-up.
     os.environ["PYDANTIC_DISABLE_PLUGINS"] = "__all__"
-    from .config import load_config
+    # pydantic only when the configuration changed since the last connection.
     from .errors import Exit
     from .log import Logger, server_logger
+    from .snapshot import load_config
     from .transport import is_listening_socket, is_socket
 
     if os.geteuid() == 0:

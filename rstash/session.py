@@ -17,7 +17,6 @@ from collections.abc import Callable
 from typing import Any
 
 from . import auth, wire
-from .config import BoxConfig, Config
 from .delivery import DeliveryLog
 from .errors import (
     Exit,
@@ -37,6 +36,7 @@ from .log import Logger
 from .names import check_name
 from .replay import utc
 from .sessionlog import FileState, SessionLogging, SessionResult
+from .settings import BoxConfig, Config
 from .transport import FdStream
 
 #: Files whose 250 lines may wait for one shared directory fsync.
