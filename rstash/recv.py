@@ -84,20 +84,11 @@ rstash-recv -V | --version"""
 def _parser() -> argparse.ArgumentParser:
     import argparse
 
+    from .cliformat import HelpFormatter
     from .settings import DEFAULT_CONFIG
 
-    class Formatter(argparse.HelpFormatter):
-        # argparse's own width comes from shutil, which imports bz2 and lzma: milliseconds
-        # per connection, since add_argument() makes a formatter even when no help is shown.
-        def __init__(self, prog: str) -> None:
-            try:
-                width = int(os.environ.get("COLUMNS", "")) or os.get_terminal_size(1).columns
-            except (ValueError, OSError):
-                width = 80
-            super().__init__(prog, width=max(width - 2, 40))
-
     p = argparse.ArgumentParser(
-        prog="rstash-recv", usage=USAGE, formatter_class=Formatter,
+        prog="rstash-recv", usage=USAGE, formatter_class=HelpFormatter,
         description="Receive files into write-only boxes (rstash-recv(8)).",
         epilog="Exit status: 0 session ended as the protocol defines / admin check passed; "
                "1 peer broke the protocol / admin check found a problem; 2 local error. "

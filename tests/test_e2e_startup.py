@@ -123,3 +123,42 @@ def test_a_per_connection_server_greets_without_pydantic_once_the_snapshot_exist
     third.store(other, b"three.txt", b"three\n")
     assert "pydantic" in imported(third.err)
     assert other.files() == {"three.txt": b"three\n"}
+
+
+#: What ``rstash-send FILE rstash://…`` needs before its first byte on the wire: no progress
+#: bar (stderr is not a terminal), no profile (a URL), no ssh, no --from-command.
+CLIENT_NOT_BEFORE_FIRST_BYTE = (
+    "pydantic", "pydantic_core", "tqdm", "tomllib", "subprocess", "threading", "shutil", "bz2",
+    "lzma", "sqlite3", "email", "importlib.metadata", "rstash.config", "rstash.client.profiles",
+)
+
+
+def test_rstash_send_reaches_the_wire_without_what_a_plain_transfer_does_not_use(
+        e2e_venv: Path, e2e_dir: Path) -> None:
+    box = make_box(e2e_dir, "vm1")
+    src = e2e_dir / "plain.txt"
+    src.write_bytes(b"plain\n")
+    err = e2e_dir / "send.err"
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(60)
+        port = server.getsockname()[1]
+        argv = [str(e2e_venv / "bin" / "python"), "-X", "importtime", "-m", "rstash.send",
+                "-k", str(box.client_key), "--timeout", "30", box.url(port), str(src)]
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(e2e_dir),
+               "LANG": "C.UTF-8"}
+        with open(err, "wb") as f:
+            popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=f, env=env, start_new_session=True)
+        try:
+            conn, _ = server.accept()
+            # Connected, and now waiting for our greeting: all it imported came before.
+            before = imported(err)
+            conn.close()
+            assert popen.wait(30) != 0
+        finally:
+            if popen.poll() is None:
+                popen.kill()
+                popen.wait(10)
+    assert "rstash.client.session" in before and "rstash.wire" in before, before
+    assert [n for n in before if any(n == h or n.startswith(h + ".")
+                                     for h in CLIENT_NOT_BEFORE_FIRST_BYTE)] == []
