@@ -53,8 +53,9 @@ class Connection:
     def __init__(self, venv: Path, conf: Path, err: Path) -> None:
         self.err = err
         ours, theirs = socket.socketpair()
-        argv = as_service([str(venv / "bin" / "python"), "-X", "importtime", "-m", "rstash.recv",
-                           "-c", str(conf)])
+        # The venv's script, not -m: -m would import a checkout in the current directory.
+        argv = as_service([str(venv / "bin" / "python"), "-X", "importtime",
+                           str(venv / "bin" / "rstash-recv"), "-c", str(conf)])
         with open(err, "wb") as f:
             self.popen = subprocess.Popen(argv, stdin=theirs.fileno(), stdout=theirs.fileno(),
                                           stderr=f, env=service_env(), start_new_session=True)
@@ -142,7 +143,7 @@ def test_rstash_send_reaches_the_wire_without_what_a_plain_transfer_does_not_use
     with socket.create_server(("127.0.0.1", 0)) as server:
         server.settimeout(60)
         port = server.getsockname()[1]
-        argv = [str(e2e_venv / "bin" / "python"), "-X", "importtime", "-m", "rstash.send",
+        argv = [str(e2e_venv / "bin" / "python"), "-X", "importtime", str(e2e_venv / "bin" / "rstash-send"),
                 "-k", str(box.client_key), "--timeout", "30", box.url(port), str(src)]
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(e2e_dir),
                "LANG": "C.UTF-8"}
