@@ -858,7 +858,10 @@ def measure(env: Env) -> Results:
     shapes = [("startup_rstash_inetd", start_inetd(env, "inetd-recv", recv_cmd)),
               ("startup_rsyncd_inetd", start_inetd(env, "inetd-rsyncd", ["/usr/bin/rsync", "--daemon",
                                                                          f"--config={rsync_conf}"])),
-              ("startup_rstash_listen", rstash_small), ("startup_rsyncd_daemon", rsyncd)]
+              ("startup_rstash_listen", rstash_small), ("startup_rsyncd_daemon", rsyncd),
+              # The floor of any Python server: the same interpreter, isolated, writing one byte.
+              ("startup_python_floor", start_inetd(env, "inetd-python", env.user.wrap([
+                  str(env.venv / "bin/python"), "-I", "-c", "import os; os.write(1, b'2'); os.read(0, 1)"])))]
     for key, server in shapes:
         got = res.attempt(key, time_to_first_byte, server.port, env.opts.connections)
         if got:
@@ -870,7 +873,7 @@ def measure(env: Env) -> Results:
             res.add("tiny_rstash", r)
         if (r := res.attempt("rsyncd 1 byte (inetd)", tiny_rsyncd, env, shapes[1][1])) is not None:
             res.add("tiny_rsyncd", r)
-    for _, server in shapes[:2]:
+    for _, server in (*shapes[:2], shapes[4]):
         server.proc.stop()
     rstash_small.proc.stop()
     rsyncd.proc.stop()
@@ -957,6 +960,8 @@ def report(env: Env, res: Results) -> tuple[str, dict[str, Any]]:
                      "<= 64 MiB", verdict(peak, RSS_TARGET_KIB)))
     for label, a, b, ref, limit in (("start-up inetd (connect->greeting)", "startup_rstash_inetd",
                                      "startup_rsyncd_inetd", "rsyncd inetd", 0.030),
+                                    ("start-up inetd, interpreter floor", "startup_python_floor",
+                                     "startup_rsyncd_inetd", "rsyncd inetd", None),
                                     ("start-up --listen (fork)", "startup_rstash_listen", "startup_rsyncd_daemon",
                                      "rsyncd daemon", None)):
         r = ratio(t.get(a), t.get(b))
