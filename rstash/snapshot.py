@@ -49,6 +49,7 @@ from rstash.settings import (
     check_abs_path,
     check_strings,
     dump_settings,
+    dump_value,
     settings_fields,
 )
 
@@ -266,8 +267,13 @@ def _settings(cls: type[ServerSettings] | type[BoxPolicy], data: dict[str, Any])
     out: dict[str, Any] = {}
     for f in settings_fields(cls):
         value = data[f.name]
-        # None is a value of its own (no limit, no hook), never a TOML value to check.
-        out[f.name] = None if value is None else f.metadata["check"](value)
+        dump = f.metadata["dump"] or dump_value
+        if value is None or value == dump(f.default):
+            # The built-in default (which a check may refuse as written, like an empty
+            # service_user) is taken as it is; None is a value of its own (no limit, no hook).
+            out[f.name] = None if value is None else f.default
+        else:
+            out[f.name] = f.metadata["check"](value)
     return out
 
 

@@ -65,6 +65,7 @@ def test_every_default_and_none_survives_the_snapshot(tmp_path: Path, validation
     path = config_file(tmp_path, """\
 state_dir = "{tmp}/state"
 idle_timeout = "90s"
+service_user = "rstash"
 [defaults]
 on_receive = ["/bin/true"]
 quota = "1GiB"
@@ -83,6 +84,7 @@ keys = ["/k/b", "/k/a"]
     assert second.boxes["a"].on_receive is None and second.boxes["b"].on_receive == ("/bin/true",)
     assert second.boxes["a"].max_file_size is None and second.idle_timeout == 90.0
     assert second.warnings and "also used by box" in second.warnings[0]
+    assert second.service_user == "rstash"
 
 
 def _touch_keeping_identity(path: Path, text: str) -> None:
