@@ -6,17 +6,18 @@ tables as pydantic models built from the settings of rstash.settings, the
 boxes and the one-line error messages. With rstash.client.profiles
 (rstash-send's profiles, which validate through :func:`_validate` here) it is
 the only module that imports pydantic; everything else codes against the frozen
-:class:`Config` and :class:`BoxConfig` it returns (subclasses of the settings
-dataclasses).
+:class:`Config` and :class:`BoxConfig` it returns (defined in rstash.settings,
+so that rstash.snapshot can rebuild them without pydantic).
 
 It must never touch a box directory or read a key file (``--check-config`` does
 that), never create anything, and never let a traceback or pydantic's
 multi-line report reach a user: every problem becomes one line
 ``FILE: field.path: message`` inside one :class:`~rstash.errors.ConfigError`.
 
-rstash-recv imports this module once per connection under inetd, so imports
-are kept to the standard library's light modules and one small pydantic model
-per TOML table.
+A per-connection rstash-recv imports this module only when the configuration
+changed since the snapshot in state_dir was written (rstash.snapshot); imports
+are still kept to the standard library's light modules and one small pydantic
+model per TOML table.
 """
 
 from __future__ import annotations
