@@ -34,7 +34,6 @@ from .hello import HelloJudge, Verdict
 from .keys import UnusableKeys, load_box_keys, why_auth_failed
 from .log import Logger
 from .names import check_name
-from .replay import utc
 from .sessionlog import FileState, SessionLogging, SessionResult
 from .settings import BoxConfig, Config
 from .transport import FdStream
@@ -187,6 +186,8 @@ class ServerSession(SessionLogging):
     def _refuse_pipe(self, verdict: Verdict) -> None:
         outcome = verdict.outcome
         assert outcome is not None and self.box is not None
+        from .replay import utc  # sqlite3 with it: never before the greeting
+
         emit = self.log.error if outcome is Outcome.SESSION_ERROR else self.log.warning
         after = None if verdict.floor is None else utc(verdict.floor)
         emit(event="session", box=self.box.name, peer=self.peer, mode="pipe",
