@@ -6,17 +6,18 @@ tables as pydantic models built from the settings of rstash.settings, the
 boxes and the one-line error messages. With rstash.client.profiles
 (rstash-send's profiles, which validate through :func:`_validate` here) it is
 the only module that imports pydantic; everything else codes against the frozen
-:class:`Config` and :class:`BoxConfig` it returns (subclasses of the settings
-dataclasses).
+:class:`Config` and :class:`BoxConfig` it returns (defined in rstash.settings,
+so that rstash.snapshot can rebuild them without pydantic).
 
 It must never touch a box directory or read a key file (``--check-config`` does
 that), never create anything, and never let a traceback or pydantic's
 multi-line report reach a user: every problem becomes one line
 ``FILE: field.path: message`` inside one :class:`~rstash.errors.ConfigError`.
 
-rstash-recv imports this module once per connection under inetd, so imports
-are kept to the standard library's light modules and one small pydantic model
-per TOML table.
+A per-connection rstash-recv imports this module only when the configuration
+changed since the snapshot in state_dir was written (rstash.snapshot); imports
+are still kept to the standard library's light modules and one small pydantic
+model per TOML table.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import glob
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -34,7 +35,9 @@ from rstash.errors import ConfigError
 from rstash.names import BOX_NAME_RE, is_box_name
 from rstash.settings import (
     DEFAULT_CONFIG,
+    BoxConfig,
     BoxPolicy,
+    Config,
     ServerSettings,
     array_of,
     check_abs_path,
@@ -100,31 +103,6 @@ _BoxTable = _table("_BoxTable", BoxPolicy, builtin=False,
                    keys=(_checked(array_of(lambda v: check_string(v, "a path"))), None))
 
 _BOX_FIELDS = frozenset(_BoxTable.model_fields)
-
-
-# ---------------------------------------------------------------------------
-# The effective settings: the settings dataclasses plus what only a loaded file has.
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class BoxConfig(BoxPolicy):
-    """One box's effective settings, after [defaults]."""
-
-    name: str
-    path: Path
-    keys: tuple[Path, ...]
-    #: the file whose [box.NAME] table defined this box
-    source: Path = Path(DEFAULT_CONFIG)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Config(ServerSettings):
-    """rstash-recv's whole effective configuration."""
-
-    source: Path
-    boxes: dict[str, BoxConfig] = field(default_factory=dict)
-    #: problems that do not stop the server, one line each, formatted like errors
-    warnings: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------------------

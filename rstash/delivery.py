@@ -16,7 +16,6 @@ without a key must not be able to grow the database).
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -88,6 +87,8 @@ class DeliveryLog:
         self.repeats.log_summary(self.log, box=box, peer=self.peer, key=key)
 
     def _prune(self, box: str) -> None:
+        import sqlite3  # not before the greeting: only a session that writes rows needs it
+
         from rstash.state import transaction
 
         self._unpruned[box] = 0

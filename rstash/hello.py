@@ -19,9 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from rstash import auth, wire
-from rstash.config import BoxConfig, Config
 from rstash.errors import ClockSkew, Outcome, ReplayRefused, RstashError, StateUnavailable
-from rstash.settings import Network
+from rstash.settings import BoxConfig, Config, Network
 
 #: A random key per process: an unknown box or key id still runs the full
 #: proof check, so that timing and replies cannot tell "no such box" from

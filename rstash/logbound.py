@@ -19,13 +19,14 @@ A stored file is always logged and recorded: this module must never hide a
 
 from __future__ import annotations
 
-import sqlite3
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from rstash.errors import Outcome
 
 if TYPE_CHECKING:
+    import sqlite3  # a serving process imports it only once it writes a row
+
     from rstash.log import Logger
 
 #: Files of one non-stored outcome logged one by one per session.

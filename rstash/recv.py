@@ -84,10 +84,11 @@ rstash-recv -V | --version"""
 def _parser() -> argparse.ArgumentParser:
     import argparse
 
+    from .cliformat import HelpFormatter
     from .settings import DEFAULT_CONFIG
 
     p = argparse.ArgumentParser(
-        prog="rstash-recv", usage=USAGE,
+        prog="rstash-recv", usage=USAGE, formatter_class=HelpFormatter,
         description="Receive files into write-only boxes (rstash-recv(8)).",
         epilog="Exit status: 0 session ended as the protocol defines / admin check passed; "
                "1 peer broke the protocol / admin check found a problem; 2 local error. "
@@ -240,9 +241,10 @@ def _serve(args: argparse.Namespace) -> int:
     # No third-party pydantic plugins (entry points of whatever else is installed)
     # run inside a serving process; skipping their scan also shortens start-up.
     os.environ["PYDANTIC_DISABLE_PLUGINS"] = "__all__"
-    from .config import load_config
+    # pydantic only when the configuration changed since the last connection.
     from .errors import Exit
     from .log import Logger, server_logger
+    from .snapshot import load_config
     from .transport import is_listening_socket, is_socket
 
     if os.geteuid() == 0:

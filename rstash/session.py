@@ -17,7 +17,6 @@ from collections.abc import Callable
 from typing import Any
 
 from . import auth, wire
-from .config import BoxConfig, Config
 from .delivery import DeliveryLog
 from .errors import (
     Exit,
@@ -35,9 +34,8 @@ from .hello import HelloJudge, Verdict
 from .keys import UnusableKeys, load_box_keys, why_auth_failed
 from .log import Logger
 from .names import check_name
-from .replay import utc
-from .retention import after_store
 from .sessionlog import FileState, SessionLogging, SessionResult
+from .settings import BoxConfig, Config
 from .transport import FdStream
 
 #: Files whose 250 lines may wait for one shared directory fsync.
@@ -188,6 +186,8 @@ class ServerSession(SessionLogging):
     def _refuse_pipe(self, verdict: Verdict) -> None:
         outcome = verdict.outcome
         assert outcome is not None and self.box is not None
+        from .replay import utc  # sqlite3 with it: never before the greeting
+
         emit = self.log.error if outcome is Outcome.SESSION_ERROR else self.log.warning
         after = None if verdict.floor is None else utc(verdict.floor)
         emit(event="session", box=self.box.name, peer=self.peer, mode="pipe",
@@ -383,6 +383,8 @@ class ServerSession(SessionLogging):
         if self.hooks is not None:
             self.hooks.close()
         if self.store is not None:
+            from .retention import after_store  # only once files may have been stored
+
             after_store(self.store, self.box, self.result.finals, self.log, self.deliveries,
                         key=self.key.log_name() if self.key else None, peer=self.peer)  # after replies
             self.store.close()

@@ -7,6 +7,8 @@ field's metadata carries the check that turns a raw TOML value into the
 field's value (or raises ``ValueError`` with a one-line message) and, where
 JSON needs another spelling, how ``--dump-config`` shows it. config.py builds
 its pydantic models from these fields; the store takes a :class:`BoxPolicy`.
+The effective configuration, :class:`Config` and its :class:`BoxConfig` per
+box, lives here too, so that a serving process can hold one without pydantic.
 
 This module must never import pydantic (rstash-recv serves a connection
 without it where it can), read a file, or know about TOML tables.
@@ -314,6 +316,33 @@ class BoxPolicy:
         problem = mode_problem(self.file_mode)
         if problem is not None:
             raise ValueError(f"file_mode {problem}")
+
+
+# ---------------------------------------------------------------------------
+# The effective settings: the settings dataclasses plus what only a loaded file has
+# (rstash.config builds them with pydantic, rstash.snapshot rebuilds them from its JSON).
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BoxConfig(BoxPolicy):
+    """One box's effective settings, after [defaults]."""
+
+    name: str
+    path: Path
+    keys: tuple[Path, ...]
+    #: the file whose [box.NAME] table defined this box
+    source: Path = Path(DEFAULT_CONFIG)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config(ServerSettings):
+    """rstash-recv's whole effective configuration."""
+
+    source: Path
+    boxes: dict[str, BoxConfig] = field(default_factory=dict)
+    #: problems that do not stop the server, one line each, formatted like errors
+    warnings: tuple[str, ...] = ()
+
 
 
 def settings_fields(cls: type[ServerSettings] | type[BoxPolicy]) -> tuple[Field[Any], ...]:

@@ -211,14 +211,20 @@ class BoxStore:
     def commit_batch(self, uploads: list[Upload]) -> list[str | Refused]:
         """Commit ``uploads`` under one directory fsync: each one's final name or refusal.
 
-        Files pipelined by one client are fsynced back to back and one directory
-        fsync covers them all; when it fails, every file of the batch that was
-        linked is refused (its name may not be durable: no 250).
+        Files pipelined by one client: one syncfs() of the box's file system makes
+        the data of all of them durable before any is linked (one journal commit
+        instead of one per file; where syncfs() cannot report writeback errors, or
+        reports one, each file is fsynced instead), and one directory fsync covers
+        their names; when it fails, every file of the batch that was linked is
+        refused (its name may not be durable: no 250). rstash-recv(8), DURABILITY.
         """
+        from rstash.durable import syncfs
+
         results: list[str | Refused] = []
+        data_synced = len(uploads) > 1 and syncfs(self.dir_fd)
         for upload in uploads:
             try:
-                results.append(upload.commit(sync_dir=False))
+                results.append(upload.commit(sync_dir=False, data_synced=data_synced))
             except Refused as e:
                 results.append(e)  # commit aborted the upload
             except OSError as e:

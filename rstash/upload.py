@@ -143,12 +143,14 @@ class Upload:
             self.abort()
             raise
 
-    def commit(self, *, sync_dir: bool = True) -> str:
+    def commit(self, *, sync_dir: bool = True, data_synced: bool = False) -> str:
         """Make the file durable under its final name; return that name.
 
         Order: fsync(temp) < fchmod < link/rename < fsync(dir). The caller sends
         the 250 line only after this returns, or, with ``sync_dir=False`` (a batch
         of files pipelined by one client), only after :meth:`BoxStore.sync_dir`.
+        ``data_synced``: a syncfs() after the last write made the data durable
+        (:meth:`BoxStore.commit_batch`), so the fsync of the temp is not repeated.
         Raises :class:`Refused` or :class:`SizeMismatch`.
         """
         self._require_open()
@@ -157,7 +159,8 @@ class Upload:
             if self.announced is not None and self.written != self.announced:
                 raise SizeMismatch(f"{self.written} bytes, announced {self.announced}")
             try:
-                os.fsync(self._data_fd)
+                if not data_synced:
+                    os.fsync(self._data_fd)
             except OSError as exc:
                 raise from_oserror("fsync", exc) from exc
             try:

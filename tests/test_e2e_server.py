@@ -51,6 +51,7 @@ from e2e_support import (
 )
 from rstash import auth
 from rstash import wire as protocol  # the crafted byte pipe is `wire` here
+from rstash.durable import kernel_reports_errors
 
 pytestmark = pytest.mark.e2e
 
@@ -1020,7 +1021,7 @@ def test_pipelined_files_share_a_directory_fsync_that_precedes_every_250(rig: Ri
     conf = rig.config([box])
     trace = rig.dir / "strace.txt"
     s = rig.piped(conf, prefix=[strace, "-f", "-y", "-s", "200", "-o", str(trace), "-e",
-                                "trace=fsync,link,linkat,write"])
+                                "trace=fsync,syncfs,link,linkat,write"])
     conn = login(s.wire, box.key, "vm1")
     n = 30
     # One write: every frame is already buffered when the server reads the first END.
@@ -1035,14 +1036,33 @@ def test_pipelined_files_share_a_directory_fsync_that_precedes_every_250(rig: Ri
     lines = trace.read_text(errors="replace").splitlines()
     box_dir = re.escape(str(box.path))
     dir_syncs = [i for i, ln in enumerate(lines) if re.search(rf"\bfsync\(\d+<{box_dir}>\)", ln)]
+    fs_syncs = [i for i, ln in enumerate(lines) if re.search(rf"\bsyncfs\(\d+<{box_dir}>\) = 0", ln)]
     assert dir_syncs
+    temp_fsyncs = 0
     for i in range(n):
         name = f"f{i:02}"
-        link = next(k for k, ln in enumerate(lines) if re.search(rf'\blink(at)?\(.*"{name}"', ln))
+        link_at, link = next((k, ln) for k, ln in enumerate(lines)
+                             if re.search(rf'\blink(at)?\(.*"{name}"', ln))
+        # The file's data descriptor: an O_TMPFILE linked through /proc/self/fd/N, or a named temp.
+        by_fd = re.search(r'"/proc/self/fd/(\d+)"', link)
+        temp = re.search(r'"(\.rstash-tmp-[0-9a-f]{32}\.3)"', link)
+        assert by_fd or temp, link
+        data = (rf"\({by_fd.group(1)}<" if by_fd
+                else rf"\(\d+<{re.escape(f'{box.path}/{temp.group(1)}')}>" if temp else "")
+        last_write = max(k for k, ln in enumerate(lines[:link_at]) if re.search(rf"\bwrite{data}", ln))
+        own = [k for k, ln in enumerate(lines[:link_at]) if re.search(rf"\bfsync{data}", ln)
+               and k > last_write]
+        temp_fsyncs += len(own)
         reply = next(k for k, ln in enumerate(lines) if re.search(rf'\bwrite\(1<[^>]*>, "250 stored 3 .* {name} ', ln))
+        # The data on disk before the name exists: its own fsync, or a syncfs of the box's
+        # file system, between its last write and its link.
+        assert any(last_write < k < link_at for k in own + fs_syncs), (name, last_write, link_at)
         # Durable before acknowledged: a directory fsync between this file's link and its 250.
-        assert any(link < d < reply for d in dir_syncs), (name, link, reply, dir_syncs)
+        assert any(link_at < d < reply for d in dir_syncs), (name, link_at, reply, dir_syncs)
     assert len(dir_syncs) < n  # the batch shared its fsyncs
+    if kernel_reports_errors():
+        # rstash-recv(8) DURABILITY: a batch's data goes to disk with one syncfs, not n fsyncs.
+        assert fs_syncs and temp_fsyncs < n, (fs_syncs, temp_fsyncs)
     assert set(box.files()) == {f"f{i:02}" for i in range(n)}
 
 

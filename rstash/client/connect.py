@@ -8,17 +8,20 @@ its last line is kept to explain a failure before the first protocol byte.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .. import DEFAULT_PORT
 from ..errors import TransportError
 from ..transport import FdStream, widen_pipe
 from .destinations import Dest, ssh_argv
 from .options import Options
+
+if TYPE_CHECKING:
+    import subprocess
+    import threading
 
 
 class Connection:
@@ -51,6 +54,8 @@ class Connection:
         copies stderr, and the reason ssh printed would be lost.
         """
         if self.proc is not None and self.stderr_pump is not None:
+            import subprocess
+
             deadline = time.monotonic() + timeout
             try:
                 self.proc.wait(timeout)
@@ -66,6 +71,8 @@ class Connection:
             except OSError:
                 pass
         if self.proc is not None:
+            import subprocess
+
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
@@ -76,6 +83,10 @@ class Connection:
 def spawn(argv: list[str], *, keep_stderr: bool = False) -> Connection:
     """Run ``argv`` with its stdin and stdout as the stream; with ``keep_stderr`` its
     stderr is copied to ours and the last line kept."""
+    # Only here: a plain rstash:// transfer needs neither (milliseconds at start-up).
+    import subprocess
+    import threading
+
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE if keep_stderr else None, close_fds=True)

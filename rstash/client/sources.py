@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import os
 import stat
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from ..errors import RstashError, UsageError
 from ..names import name_problem
 from .options import Options
+
+if TYPE_CHECKING:
+    import subprocess
 
 
 @dataclass
@@ -108,6 +110,8 @@ def _command(opts: Options, now: int) -> Source:
     problem = name_problem(opts.name)
     if problem is not None:  # checked before the command runs, not only by the server
         raise UsageError(f"{opts.name!r}: name not allowed: {problem}")
+    import subprocess  # only for --from-command
+
     try:
         proc = subprocess.Popen(opts.files, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
     except OSError as e:
