@@ -28,6 +28,7 @@ from ..errors import (
     Reply,
     RstashError,
     TransportError,
+    UsageError,
     outcome_of,
     worst_exit,
 )
@@ -363,9 +364,15 @@ class Session:
             sys.stderr.write(line + "\n")
 
 
-def run_interactive(opts: Options, key: auth.Key, box: str, conn: Connection,
+def run_interactive(opts: Options, key: auth.Key | None, box: str, conn: Connection,
                     sources: list[Source]) -> int:
-    """One interactive session over ``conn`` (closed on return); its exit status."""
+    """One interactive session over ``conn`` (closed on return); its exit status.
+
+    Without a key it speaks method ssh, and only over an SSH channel of its own.
+    """
+    if key is None and not conn.over_ssh:
+        conn.close()
+        raise UsageError("no key: only an ssh:// destination can go without one")
     sess = Session(opts, wire.ClientConnection(key, box, server_id=opts.server_id), conn.stream, conn)
     try:
         try:
@@ -374,7 +381,7 @@ def run_interactive(opts: Options, key: auth.Key, box: str, conn: Connection,
                 sess.finish()
                 if not sess.proto.authenticated:
                     raise RemoteProtocolError("221 before 235")
-                print(f"{PROTOCOL} ok: {opts.dest} key {key.fingerprint}")
+                print(f"{PROTOCOL} ok: {opts.dest} " + (f"key {key.fingerprint}" if key else "ssh login"))
                 return Exit.OK
             session_status = sess.send_all(sources)
             sess.finish()
