@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from e2e_support import is_root, need
 from rstash import auth, wire
 from rstash.config import load_config
 from rstash.errors import Outcome
@@ -213,6 +214,14 @@ def test_an_exposed_key_file_others_could_write_is_ignored(tmp_path: Path) -> No
     assert exposed_key(str(tmp_path)) == UNKNOWN_KEY
     assert exposed_key(str(tmp_path / "missing")) == UNKNOWN_KEY
     assert exposed_key(_auth_info(tmp_path, "password\nkeyboard-interactive\n")) == UNKNOWN_KEY
+
+
+def test_an_exposed_key_file_of_another_user_is_ignored(tmp_path: Path) -> None:
+    b64 = base64.b64encode(BLOB).decode()
+    path = _auth_info(tmp_path, f"publickey ssh-ed25519 {b64}\n")
+    need(is_root(), "needs root to make a file owned by another user")
+    os.chown(path, 65534, 65534)
+    assert exposed_key(path) == UNKNOWN_KEY
 
 
 @pytest.mark.parametrize("mode,words", [("key", "any transport"), ("ssh", "SSH key alone"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -20,8 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from rstash import auth, wire
-from rstash.errors import RemoteProtocolError
+from rstash import auth, send, wire
+from rstash.client.connect import Connection
+from rstash.client.options import Options
+from rstash.client.session import run_interactive
+from rstash.errors import RemoteProtocolError, UsageError
+from rstash.transport import FdStream
 
 CONTENT = b"hello, rstash\n"
 SEND = [sys.executable, "-m", "rstash.send"]
@@ -157,16 +162,29 @@ def test_over_rstash_a_key_holder_refuses_lines_without_mac(liar: Path, payload:
     assert b"235 failed its MAC" in result.stderr
 
 
-def test_over_rstash_no_key_means_no_session(liar: Path, payload: Path) -> None:
-    server, seen, thread = _tcp_liar(liar)
-    with server:
+def test_over_rstash_no_key_means_no_connection(payload: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
         port = server.getsockname()[1]
         result = _send(f"rstash://127.0.0.1:{port}/vm1", str(payload))
-        server.close()
-        thread.join(30)
-    assert seen == []  # never even connected
+        # rstash-send has exited: a connection it made would be waiting in the backlog.
+        pending, _, _ = select.select([server], [], [], 0)
+    assert pending == []
     assert result.returncode != 0
     assert b"no key" in result.stderr
+
+
+def test_a_keyless_session_needs_an_ssh_channel_of_its_own(payload: Path) -> None:
+    # The second line of defence, below the command line: a stream that is not our own
+    # ssh (a TCP socket, a --proxy-command) never carries method ssh.
+    a, b = socket.socketpair()
+    with a, b:
+        conn = Connection(FdStream(a.fileno()), [])
+        opts = Options.from_namespace(send._parser().parse_args(["rstash://h/vm1", str(payload)]), [], None)
+        with pytest.raises(UsageError, match="only an ssh:// destination"):
+            run_interactive(opts, None, "vm1", conn, [])
+        b.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            b.recv(1)  # not even a byte was sent
 
 
 def test_pipe_mode_without_a_key_is_refused(payload: Path, tmp_path: Path) -> None:
