@@ -229,3 +229,15 @@ def test_a_keyless_client_checks_size_and_digest_of_mac_less_receipts() -> None:
     client.receive_data(f"250 stored {len(CONTENT)} sha256:{wrong} f.txt\r\n".encode())
     with pytest.raises(RemoteProtocolError, match="another size or digest"):
         client.next_event()
+
+
+def test_a_profile_without_key_names_an_ssh_only_box(liar: Path, payload: Path, tmp_path: Path) -> None:
+    seen = tmp_path / "method"
+    conf = tmp_path / "send.toml"
+    conf.write_text(f'[dest.vm1]\nurl = "ssh://rstash@backup.example/vm1"\n'
+                    f'rsh = "{sys.executable} {liar} {seen}"\n')
+    conf.chmod(0o600)
+    result = _send("-F", str(conf), "vm1", str(payload))
+    assert result.returncode == 0, result.stderr
+    assert seen.read_text() == "0"
+    assert b"stored f.txt" in result.stdout + result.stderr
