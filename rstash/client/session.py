@@ -58,9 +58,13 @@ LOCAL_ERROR_HINT = ("the server could not write into the box; ask its admin to r
                     "rstash-recv --check-config and read its log")
 
 
-def auth_failed_message(key: auth.Key, box: bytes, text: str) -> str:
+def auth_failed_message(key: auth.Key | None, box: bytes, text: str) -> str:
     """535 is the same for every cause (rstash(7) RULES, rule 1): name them all, and the key."""
     name = box.decode("utf-8", "replace")
+    if key is None:
+        return (f"authentication failed ({text}): the SSH login was refused for box {name!r} "
+                "(method ssh): the box needs auth = \"ssh\" and this SSH key the forced command "
+                f"'rstash-recv --box {name}'; the server's log line event=auth says which (reason=)")
     return (f"authentication failed ({text}): key {key.fingerprint} was refused for box "
             f"{name!r}: wrong key for the box, box name misspelt, or this address not in the "
             "box's allow_from; the server's log line event=auth says which (reason=)")
