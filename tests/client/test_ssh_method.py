@@ -31,26 +31,35 @@ from rstash.transport import FdStream
 CONTENT = b"hello, rstash\n"
 SEND = [sys.executable, "-m", "rstash.send"]
 
-#: The liar: offers method ssh, reads one HELLO, answers with canned lines without
-#: MAC (what a method-ssh server sends), then reads to the end. It verifies nothing.
+#: The liar: offers method ssh, reads frames up to BYE, answers with canned lines
+#: without MAC (what a method-ssh server sends), then reads to the end. It verifies
+#: nothing; it answers after BYE only so that its lines never race the client's END.
 LIAR = textwrap.dedent(f"""
     import hashlib, struct, sys
 
+    def exactly(read, n):
+        data = b""
+        while len(data) < n:
+            chunk = read(n - len(data))
+            if not chunk:
+                return None
+            data += chunk
+        return data
+
     def serve(read, write):
         write(b"220 rstash/1 methods=hmac-sha256,ssh challenge=" + b"A" * 42 + b"A\\r\\n")
-        head = b""
-        while len(head) < 5:
-            chunk = read(5 - len(head))
-            if not chunk:
+        hello = None
+        while True:
+            head = exactly(read, 5)
+            if head is None:
                 return None
-            head += chunk
-        need = struct.unpack(">I", head[1:5])[0]
-        body = b""
-        while len(body) < need:
-            chunk = read(need - len(body))
-            if not chunk:
+            body = exactly(read, struct.unpack(">I", head[1:5])[0])
+            if body is None:
                 return None
-            body += chunk
+            hello = body if hello is None else hello
+            if head[0] == 6:  # BYE
+                break
+        body = hello
         digest = hashlib.sha256({CONTENT!r}).hexdigest()
         write(b"235 ok\\r\\n250 stored {len(CONTENT)} sha256:" + digest.encode() + b" f.txt\\r\\n221 bye 1\\r\\n")
         while read(65536):
