@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from rstash.config import BoxConfig, Config, load_config
 from rstash.errors import ConfigError, KeyFileError, RstashError
+from rstash.sshlogin import reached_by
 from rstash.units import human_age, human_size
 
 Level = Literal["error", "warning", "info"]
@@ -202,6 +203,9 @@ def _check_box(box: BoxConfig, cfg: Config, user: ServiceUser, report: Report) -
                              f"quota {_size(box.quota)}, min_free {_size(box.min_free)}")
     report.add(name, "info", f"allow_from {_words(box.allow_from) if box.allow_from else 'any'}")
     report.add(name, "info", f"pipe_mode {'on' if box.pipe_mode else 'off'}")
+    report.add(name, "info", reached_by(box))
+    if box.auth != "key" and box.pipe_mode and not box.keys:
+        report.add(name, "warning", "pipe_mode is on but a pipe stream needs a box key, and the box has none")
     if box.on_receive:
         report.add(name, "info", f"on_receive {_words(box.on_receive)}")
     _check_retention(box, user, report)

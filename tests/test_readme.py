@@ -83,7 +83,7 @@ def test_troubleshooting_covers_each_message_with_cause_command_and_fix() -> Non
     messages = ("the server closed the connection before its greeting: rstash-recv could not start there",
                 "was refused for box", "key file unusable", "the server could not write into the box",
                 "must be readable by its owner only (chmod 600", "must be a quoted octal string, e.g. file_mode = ",
-                "no delivery log yet")
+                "no delivery log yet", "the server does not offer method ssh for this box")
     code = "\n".join(p.read_text(encoding="utf-8") for p in (CHECKOUT / "rstash").rglob("*.py"))
     for must in messages:
         assert must in section, must
