@@ -25,10 +25,11 @@ def roff_example_lines(page: str) -> set[str]:
     return lines
 
 
-def readme_commands(section: str = "## Install") -> list[str]:
-    """Command lines of the README's ```sh blocks from ``section`` on, trailing comments cut."""
+def readme_commands(section: str = "## Install", end: str = "## Security") -> list[str]:
+    """Command lines of the README's ```sh blocks from ``section`` to ``end`` (the security
+    figures' command belongs to the test suite, not to the deployment), trailing comments cut."""
     text = (CHECKOUT / "README.md").read_text(encoding="utf-8")
-    text = text[text.index(section):]
+    text = text[text.index(section):text.index(end)]
     commands = []
     for block in re.findall(r"^```sh\n(.*?)^```", text, flags=re.M | re.S):
         for line in block.splitlines():
