@@ -10,10 +10,11 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+from e2e_select import e2e_may_run
 
 
 def is_ci() -> bool:
@@ -31,28 +32,6 @@ settings.register_profile(
 settings.register_profile("dev", max_examples=50)
 HYPOTHESIS_PROFILE = os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if is_ci() else "default")
 settings.load_profile(HYPOTHESIS_PROFILE)
-
-
-def _marks(*, e2e: bool, others: bool) -> Callable[..., bool]:
-    def has(name: str, /, **_: object) -> bool:
-        return e2e if name == "e2e" else others
-    return has
-
-
-def e2e_may_run(markexpr: str) -> bool:
-    """False only when ``-m markexpr`` deselects an e2e test whatever other marks it carries.
-
-    The expression is tried with ``e2e`` set and every other mark all set, then all unset; a
-    run that may select an e2e test needs the plugin, and loading it needlessly costs only time.
-    """
-    if not markexpr.strip():
-        return True
-    try:
-        from _pytest.mark.expression import Expression
-        expr = Expression.compile(markexpr)
-        return any(expr.evaluate(_marks(e2e=True, others=others)) for others in (True, False))
-    except Exception:  # an unknown pytest internals change: load the plugin, never miss fixtures
-        return True
 
 
 def pytest_configure(config: pytest.Config) -> None:

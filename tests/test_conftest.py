@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import e2e_may_run
+from e2e_select import e2e_may_run
 
 TESTS = Path(__file__).parent
 
