@@ -166,7 +166,7 @@ def _loopback_host_name() -> str | None:
     """This machine's host name when it resolves only to loopback addresses, else None."""
     name = socket.gethostname()
     try:
-        addrs = {info[4][0] for info in socket.getaddrinfo(name, None, socket.AF_INET)}
+        addrs = {str(info[4][0]) for info in socket.getaddrinfo(name, None, socket.AF_INET)}
     except OSError:
         return None
     if addrs and all(a.startswith("127.") for a in addrs):

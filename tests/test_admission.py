@@ -4,6 +4,7 @@ accept, and which silent session is ended to make room (rstash-recv(8) DESCRIPTI
 from __future__ import annotations
 
 import ipaddress
+import socket
 from pathlib import Path
 
 import pytest
@@ -252,7 +253,12 @@ def test_the_parent_reads_every_childs_word_then_ends_the_silent_one(
     cfg = load_config(_config(tmp_path, [], top="max_sessions = 4"))  # a pre-auth share of one
     server = serve.Server(str(tmp_path / "rstash-recv.toml"), cfg, Logger(str(tmp_path / "log")))
     forked: list[str | None] = []
-    monkeypatch.setattr(server, "_fork", lambda conn, peer: (forked.append(peer), conn.close()))
+
+    def fork(conn: socket.socket, peer: str | None) -> None:
+        forked.append(peer)
+        conn.close()
+
+    monkeypatch.setattr(server, "_fork", fork)
     sleepers = [subprocess.Popen(["sleep", "60"]) for _ in range(2)]
     pipes = [os.pipe2(os.O_NONBLOCK) for _ in sleepers]
     try:

@@ -29,7 +29,8 @@ from rstash import auth, keys, wire
 from rstash.config import Config, load_config
 from rstash.hooks import Delivery, hook_argv, hook_env
 from rstash.log import Logger
-from rstash.session import ServerSession, SessionResult
+from rstash.session import ServerSession
+from rstash.sessionlog import SessionResult
 from rstash.store import BoxStore, Refused
 from rstash.transport import FdStream
 

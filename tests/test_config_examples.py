@@ -29,7 +29,7 @@ CONFIG = CHECKOUT / "config"
 def _example_box_table(text: str) -> str:
     """The [box.vm1] example under "No box is active", uncommented."""
     lines = text[text.index("# No box is active"):].splitlines()[1:]
-    table = []
+    table: list[str] = []
     for line in lines:
         if line == "#" and table:
             break

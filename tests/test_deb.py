@@ -149,6 +149,7 @@ def test_the_deb_from_a_fresh_clone_serves_under_inetd_and_purges_clean(
                     fingerprint = re.search(r"SHA256:\S+", out.stdout + out.stderr)
                     assert fingerprint, out
                 if line.startswith("rstash-send --fingerprint"):
+                    assert fingerprint is not None
                     assert fingerprint.group(0) in out.stdout + out.stderr
             rstash = pwd.getpwnam("rstash")
             shadow = subprocess.run(["getent", "shadow", "rstash"], capture_output=True, text=True, check=True)

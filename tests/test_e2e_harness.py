@@ -145,7 +145,7 @@ def test_need_skips_normally_and_fails_under_ci(monkeypatch: pytest.MonkeyPatch)
 
 
 def _run_inner_pytest(tmp_path: Path, ci: bool) -> subprocess.CompletedProcess[str]:
-    for name in ("conftest.py", "e2e_support.py"):
+    for name in ("conftest.py", "e2e_select.py", "e2e_plugin.py", "e2e_support.py"):
         (tmp_path / name).write_text((TESTS_DIR / name).read_text())
     (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    e2e: end to end\n")
     (tmp_path / "test_inner.py").write_text(textwrap.dedent("""

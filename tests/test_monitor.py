@@ -290,7 +290,8 @@ def test_parse_expect() -> None:
 
 def families(text: str) -> dict[str, Any]:
     assert text.endswith("# EOF\n")
-    return {f.name: f for f in text_string_to_metric_families(text)}
+    # prometheus_client's OpenMetrics parser has no annotations.
+    return {f.name: f for f in text_string_to_metric_families(text)}  # type: ignore[no-untyped-call]
 
 
 def samples(fams: dict[str, Any], name: str) -> dict[tuple[tuple[str, str], ...], float]:
@@ -498,7 +499,7 @@ def _shipped_command(source: str) -> str:
         return fields[6]
     unit = (CONFIG / "systemd" / "rstash-metrics.service").read_text()
     [command] = re.findall(r"^ExecStart=(.*)$", unit, re.M)
-    return command
+    return str(command)
 
 
 @pytest.mark.e2e

@@ -139,12 +139,16 @@ def test_unknown_hello_extensions_are_ignored_but_bound_by_the_proof(tmp_path: P
 
     def pipe_hello(*, strip: bool) -> Callable[[bytes], bytes]:
         def client(_greeting: bytes) -> bytes:
-            fields = {"mode": wire.MODE_PIPE, "box": b"vm1", "key_id": key.key_id,
-                      "nonce": secrets.token_bytes(32), "time": int(time.time())}
-            signed = wire.hello_without_proof(**fields, ext={9: b"a future extension"})
+            nonce, now = secrets.token_bytes(32), int(time.time())
+
+            def signed_with(ext: dict[int, bytes]) -> bytes:
+                return wire.hello_without_proof(mode=wire.MODE_PIPE, box=b"vm1", key_id=key.key_id,
+                                                nonce=nonce, time=now, ext=ext)
+
+            signed = signed_with({9: b"a future extension"})
             proof = auth.session_keys(key, b"", signed).proof
             if strip:  # an on-path attacker removes the extension the client signed
-                signed = wire.hello_without_proof(**fields, ext={})
+                signed = signed_with({})
             return wire.frame(wire.FrameType.HELLO, signed + proof)
         return client
 

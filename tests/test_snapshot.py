@@ -97,7 +97,7 @@ def _touch_keeping_identity(path: Path, text: str) -> None:
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
-CHANGES: dict[str, Callable[[Path], None]] = {
+CHANGES: dict[str, Callable[[Path], object]] = {
     "main file, same size and mtime": lambda d: _touch_keeping_identity(
         d / "rstash-recv.toml",
         (d / "rstash-recv.toml").read_text().replace("idle_timeout = 60", "idle_timeout = 61")),
@@ -152,12 +152,16 @@ def _forged(path: Path) -> None:
     snap.write_text(json.dumps(data))
 
 
-UNTRUSTED: dict[str, Callable[[Path], None]] = {
+def _replace_by_symlink(s: Path) -> None:
+    s.rename(s.with_name("real"))
+    s.symlink_to(s.with_name("real"))
+
+
+UNTRUSTED: dict[str, Callable[[Path], object]] = {
     "mode 0644": lambda s: s.chmod(0o644),
     "another owner": lambda s: os.chown(s, OTHER_UID, -1),
     "a second link": lambda s: os.link(s, s.with_name("hardlink")),
-    "a symlink to a snapshot": lambda s: (s.rename(s.with_name("real")),
-                                          s.symlink_to(s.with_name("real"))),
+    "a symlink to a snapshot": _replace_by_symlink,
 }
 
 

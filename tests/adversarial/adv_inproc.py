@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from adv_wire import wire
 
+from adversarial.adv_wire import wire
 from rstash import auth, session
 from rstash.config import Config, load_config
 from rstash.log import Logger
-from rstash.session import ServerSession, SessionResult
+from rstash.session import ServerSession
+from rstash.sessionlog import SessionResult
 from rstash.transport import FdStream
 
 TEMP_PREFIX = ".rstash-tmp-"

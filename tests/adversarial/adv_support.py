@@ -30,8 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adv_wire import wire
-
+from adversarial.adv_wire import wire
 from e2e_support import (
     Box,
     Proc,
@@ -193,7 +192,7 @@ def login(p: Pipe, key: bytes, box: str) -> Any:
     return conn
 
 
-def file_frames(conn: Any, name: bytes, content: bytes, mtime: int = 1_700_000_000) -> bytes:
+def file_frames(conn: wire.ClientConnection, name: bytes, content: bytes, mtime: int = 1_700_000_000) -> bytes:
     return conn.file(name, len(content), mtime) + (conn.data(content) if content else b"") \
         + conn.end()
 

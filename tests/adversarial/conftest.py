@@ -6,8 +6,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from adv_support import Site
 
+from adversarial.adv_support import Site
 from e2e_support import ProcGroup, ServiceUser
 
 

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from adv_inproc import Box, fixed_challenge, make_box
-from adv_support import record
-from adv_wire import wire
 
+from adversarial.adv_inproc import Box, fixed_challenge, make_box
+from adversarial.adv_support import record
+from adversarial.adv_wire import wire
 from rstash import auth
 from rstash import hello as hello_judge
 from rstash.state import StateDB
@@ -196,9 +196,11 @@ def test_the_dummy_key_path_is_the_same_code_path(tmp_path: Path,
     monkeypatch.setattr(auth, "verify", spy("verify", auth.verify))
     traces = {}
     with fixed_challenge(CHALLENGE) as g:
-        for case, kwargs in {"wrong key": {"key": secrets.token_bytes(32)},
-                             "unknown box": {"box_name": "vm9"},  # the length of vm1
-                             "unknown key id": {"key": secrets.token_bytes(32)}}.items():
+        cases: dict[str, dict[str, Any]] = {
+            "wrong key": {"key": secrets.token_bytes(32)},
+            "unknown box": {"box_name": "vm9"},  # the length of vm1
+            "unknown key id": {"key": secrets.token_bytes(32)}}
+        for case, kwargs in cases.items():
             calls.clear()
             data, _ = stream(box, greeting=g, **kwargs)
             if case == "wrong key":

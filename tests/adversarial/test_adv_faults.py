@@ -22,7 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from adv_support import (
+
+from adversarial.adv_support import (
     Site,
     count,
     event,
@@ -31,8 +32,7 @@ from adv_support import (
     record,
     temps,
 )
-from adv_wire import wire
-
+from adversarial.adv_wire import wire
 from e2e_support import Box, is_root, make_box, need, need_program, wait_until
 from rstash import auth
 

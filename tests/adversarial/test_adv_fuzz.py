@@ -26,12 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from adv_inproc import Box, fixed_challenge, make_box
-from adv_support import Site, count, record, temps
-from adv_wire import wire
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from adversarial.adv_inproc import Box, fixed_challenge, make_box
+from adversarial.adv_support import Site, count, record, temps
+from adversarial.adv_wire import wire
 from e2e_support import make_box as make_e2e_box
 from rstash import auth
 
@@ -102,9 +102,9 @@ def mutate(rng: random.Random, cap: Captured, others: list[Captured]) -> bytes:
         frames.insert(rng.randrange(1, len(frames) + 1), f)
     else:  # a length field lies
         i = rng.randrange(len(frames))
-        f = bytearray(frames[i])
-        f[1:5] = struct.pack(">I", max(0, len(f) - 5 + rng.choice([-2, -1, 1, 2, 1 << 20])))
-        frames[i] = bytes(f)
+        lying = bytearray(frames[i])
+        lying[1:5] = struct.pack(">I", max(0, len(lying) - 5 + rng.choice([-2, -1, 1, 2, 1 << 20])))
+        frames[i] = bytes(lying)
     return b"".join(frames)
 
 

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-from adv_support import Site, count, record, temps
 
+from adversarial.adv_support import Site, count, record, temps
 from e2e_support import make_box
 
 pytestmark = pytest.mark.e2e

@@ -23,8 +23,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
-from adv_support import Site, record, temps
 
+from adversarial.adv_support import Site, record, temps
 from e2e_support import free_port, make_box, wait_until
 
 pytestmark = pytest.mark.e2e

@@ -16,9 +16,9 @@ import struct
 import unicodedata
 
 import pytest
-from adv_support import Served, Site, count, event, file_frames, login, record, temps, tree
-from adv_wire import wire
 
+from adversarial.adv_support import Served, Site, count, event, file_frames, login, record, temps, tree
+from adversarial.adv_wire import wire
 from e2e_support import make_box
 from rstash import auth
 
@@ -79,9 +79,9 @@ def hostile_names() -> list[bytes]:
                  "...", "....", "x:y", "x::$DATA", "\u00e9", "e\u0301", "\u212b", "A\u030a",
                  "\u1e9b\u0323", "\ufb01", "\uac00", "\u1100\u1161"):
         add(base.encode())
-    for c in [*list(range(0, 32)), 127, *list(range(128, 160))]:
-        add(b"x" + chr(c).encode() + b"y")
-        add(chr(c).encode() + b"x")
+    for code in [*list(range(0, 32)), 127, *list(range(128, 160))]:
+        add(b"x" + chr(code).encode() + b"y")
+        add(chr(code).encode() + b"x")
     for raw in (b"x\x00", b"\x00", b"x\x00/../y", b"\xff", b"\xfe\xff", b"x\x80", b"\xc0\xaf",
                 b"\xc0\x2f", b"\xe0\x80\xaf", b"\xf0\x80\x80\xaf", b"\xc0\xae\xc0\xae\x2fx",
                 b"\xed\xa0\x80", b"\xed\xbf\xbf", b"\xf4\x90\x80\x80", b"\xf8\x88\x80\x80\x80",

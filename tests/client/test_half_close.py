@@ -57,6 +57,7 @@ def test_rstash_send_half_closes_after_bye_and_still_reads_221(tmp_path: Path) -
     t = threading.Thread(target=strict_server, args=(listener, key, seen), daemon=True)
     t.start()
     opts = Options(dest=f"rstash://127.0.0.1:{port}/vm1", test=True, timeout=20)
+    assert opts.dest is not None
     dest = parse_dest(opts.dest)
     status = run_interactive(opts, key, "vm1", connect(dest, opts), [])
     t.join(20)

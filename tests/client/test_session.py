@@ -4,6 +4,7 @@ Interactive sessions against the real server are in tests/test_e2e_client.py."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import struct
 import subprocess
@@ -156,7 +157,7 @@ def _session_against(server_bytes: bytes, key: auth.Key, box: str = "vm1",
     return info.value.message
 
 
-def _namespace() -> object:
+def _namespace() -> argparse.Namespace:
     from rstash.send import _parser
 
     return _parser().parse_args(["rstash://127.0.0.1/vm1"])

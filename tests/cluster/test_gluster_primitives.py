@@ -30,6 +30,7 @@ import signal
 import struct
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,14 @@ def area(gluster: GlusterVolume, request: pytest.FixtureRequest) -> tuple[Path, 
     b = gluster.mounts[1] / sub
     assert _eventually(b.is_dir), f"{b}: a directory made through mount A is not seen through B"
     return a, b
+
+
+def _reads_one_of(path: Path, valid: set[bytes]) -> bool:
+    return _read_whole(path) in valid
+
+
+def _has_no_temps(side: Path) -> bool:
+    return not list(side.glob("tmp-*"))
 
 
 def _eventually(check: Callable[[], bool], timeout: float = WAIT) -> bool:
@@ -148,7 +157,7 @@ def _check_one_winner(area: tuple[Path, Path], rounds: list[list[tuple[int, str]
             # cached it), so the winner's bytes are awaited, not expected at once.
             path = side / name.format(r=r)
             expected = _payload(r, winners[0])
-            assert _eventually(lambda p=path, e=expected: _read_whole(p) == e), \
+            assert _eventually(partial(_reads_one_of, path, {expected})), \
                 f"round {r}: {side.name} reads {_whose(_read_whole(path))}, not racer {winners[0]}'s"
 
 
@@ -253,10 +262,10 @@ def test_concurrent_renames_onto_one_name_under_a_lock_leave_one_whole_file(
         for side in area:
             path = side / f"target-{r}"
             valid = {_payload(r, i) for i in range(RACERS)}
-            assert _eventually(lambda p=path, v=valid: _read_whole(p) in v), \
+            assert _eventually(partial(_reads_one_of, path, valid)), \
                 f"round {r}: {side.name} reads {_whose(_read_whole(path))}"
     for side in area:
-        assert _eventually(lambda s=side: not list(s.glob("tmp-*"))), "a renamed temp is still there"
+        assert _eventually(partial(_has_no_temps, side)), "a renamed temp is still there"
         names = sorted(p.name for p in side.iterdir() if p.name != ".rstash-lock")
         assert names == sorted(f"target-{r}" for r in range(ROUNDS))
 

@@ -13,7 +13,22 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from wire_support import (
+
+from rstash import auth, wire
+from rstash.errors import LocalProtocolError, RemoteProtocolError, Reply
+from rstash.wire import (
+    NEED_DATA,
+    AuthOk,
+    ClientConnection,
+    ConnectionClosed,
+    Done,
+    End,
+    File,
+    Greeting,
+    Receipt,
+    SessionRefused,
+)
+from wire.wire_support import (
     AUTH_LINE,
     BYE_LINE,
     CHALLENGE,
@@ -41,21 +56,6 @@ from wire_support import (
     run_client,
     run_server,
     split_at,
-)
-
-from rstash import auth, wire
-from rstash.errors import LocalProtocolError, RemoteProtocolError, Reply
-from rstash.wire import (
-    NEED_DATA,
-    AuthOk,
-    ClientConnection,
-    ConnectionClosed,
-    Done,
-    End,
-    File,
-    Greeting,
-    Receipt,
-    SessionRefused,
 )
 
 # === client: frames out ===============================================================

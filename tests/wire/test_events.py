@@ -7,7 +7,15 @@ Every input is fed whole, one byte at a time and with trailing data (``server_ev
 from __future__ import annotations
 
 import pytest
-from wire_support import (
+
+from rstash import auth, wire
+from rstash.errors import Reply
+from rstash.wire import (
+    ClientConnection,
+    FrameType,
+    frame,
+)
+from wire.wire_support import (
     GREETING,
     HDR0,
     HELLO,
@@ -18,14 +26,6 @@ from wire_support import (
     run_server,
     server_error,
     server_events,
-)
-
-from rstash import auth, wire
-from rstash.errors import Reply
-from rstash.wire import (
-    ClientConnection,
-    FrameType,
-    frame,
 )
 
 # === server: HELLO ==================================================================

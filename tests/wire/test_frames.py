@@ -6,7 +6,15 @@ Every input is fed whole, one byte at a time and with trailing data (``server_er
 from __future__ import annotations
 
 import pytest
-from wire_support import (
+
+from rstash import wire
+from rstash.errors import IntegrityError, LocalProtocolError, RemoteProtocolError, Reply
+from rstash.wire import (
+    NEED_DATA,
+    FrameType,
+    frame,
+)
+from wire.wire_support import (
     FILE0,
     HELLO,
     MIB,
@@ -15,14 +23,6 @@ from wire_support import (
     file_hdr,
     header,
     server_error,
-)
-
-from rstash import wire
-from rstash.errors import IntegrityError, LocalProtocolError, RemoteProtocolError, Reply
-from rstash.wire import (
-    NEED_DATA,
-    FrameType,
-    frame,
 )
 
 # === server: lengths refused on the five-byte header =================================

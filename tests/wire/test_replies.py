@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from wire_support import (
+
+from rstash import auth, wire
+from rstash.errors import LocalProtocolError, Reply
+from wire.wire_support import (
     DIGEST,
     KEYS,
     NAME,
     PROPERTY,
 )
-
-from rstash import auth, wire
-from rstash.errors import LocalProtocolError, Reply
 
 # === server reply lines ==============================================================
 

@@ -13,7 +13,22 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from wire_support import (
+
+from rstash import auth, wire
+from rstash.errors import IntegrityError, LocalProtocolError, RemoteProtocolError, Reply
+from rstash.wire import (
+    NEED_DATA,
+    ConnectionClosed,
+    Data,
+    End,
+    File,
+    FrameType,
+    Hello,
+    ServerConnection,
+    ServerState,
+    frame,
+)
+from wire.wire_support import (
     CONTENT,
     DIGEST,
     FILE0,
@@ -43,21 +58,6 @@ from wire_support import (
     server_events,
     server_keys,
     split_at,
-)
-
-from rstash import auth, wire
-from rstash.errors import IntegrityError, LocalProtocolError, RemoteProtocolError, Reply
-from rstash.wire import (
-    NEED_DATA,
-    ConnectionClosed,
-    Data,
-    End,
-    File,
-    FrameType,
-    Hello,
-    ServerConnection,
-    ServerState,
-    frame,
 )
 
 # === server: a whole session ========================================================
