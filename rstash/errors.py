@@ -72,6 +72,12 @@ class Reply(IntEnum):
     AUTH_OK = 235
     #: file stored (or, for a dry run, would be stored)
     STORED = 250
+    #: the transfer id was stored before: a re-run, answered without data
+    ALREADY_STORED = 251
+    #: a waited FILE: the server holds a prefix of this transfer
+    RESUME = 350
+    #: a waited FILE: send it from its first byte
+    GO = 354
     #: too many sessions; the client retries later; also sent on idle timeout
     BUSY = 421
     #: the client's ABORT of the current file was honoured

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from .. import auth
 from ..errors import LocalProtocolError, RemoteProtocolError, Reply
+from .frames import GREETING_RESUME
 
 #: The longest reply line, CRLF included.
 MAX_LINE = 1024
@@ -88,9 +89,9 @@ def line(text: str) -> bytes:
     return data
 
 
-def greeting_line(challenge: bytes) -> str:
+def greeting_line(challenge: bytes, *, resume: bool = False) -> str:
     """The greeting's text (the transcript hash binds it without its CRLF)."""
-    return GREETING_PREFIX + auth.b64url(challenge)
+    return GREETING_PREFIX + auth.b64url(challenge) + (" " + GREETING_RESUME if resume else "")
 
 
 def auth_ok_line(keys: auth.SessionKeys) -> bytes:
@@ -111,6 +112,22 @@ def receipt_line(keys: auth.SessionKeys, index: int, code: int, name: bytes, *,
     text = reason or RECEIPT_TEXT[code]
     mac = auth.receipt_mac(keys.k_s2c, index, code, name)
     return line(f"{code} {text} {pct_encode(name[:ECHO_LIMIT])} mac={mac}")
+
+
+def resume_line(keys: auth.SessionKeys, index: int, offset: int, prefix: bytes, name: bytes) -> bytes:
+    """The offer of a kept prefix to a waited FILE (rstash(7) RESUME AND RE-RUNS)."""
+    mac = auth.resume_mac(keys.k_s2c, index, offset, prefix, name)
+    return line(f"{Reply.RESUME} resume {offset} sha256:{prefix.hex()} {pct_encode(name)} mac={mac}")
+
+
+#: A waited FILE is sent from its first byte. No MAC: forging it only costs the transfer.
+GO_LINE = "354 go"
+
+
+def already_line(keys: auth.SessionKeys, index: int, final_name: bytes, n: int, sha256: bytes) -> bytes:
+    mac = auth.already_mac(keys.k_s2c, index, final_name, n, sha256)
+    return line(f"{Reply.ALREADY_STORED} already stored {n} sha256:{sha256.hex()} "
+                f"{pct_encode(final_name)} mac={mac}")
 
 
 def integrity_line(name: bytes) -> bytes:
@@ -134,6 +151,8 @@ def skew_line(skew: int) -> bytes:
 _LINE_RE = re.compile(r"([2-5][0-9]{2}) (.*)\Z")
 _RECEIPT_RE = re.compile(r"(?P<text>.*?) ?(?P<name>[^ ]*) mac=(?P<mac>[A-Za-z0-9_-]{22})\Z")
 _STORED_RE = re.compile(r"stored (?P<n>[0-9]{1,20}) sha256:(?P<hex>[0-9a-f]{64}) (?P<name>[^ ]+)\Z")
+_ALREADY_RE = re.compile(r"already " + _STORED_RE.pattern)
+_RESUME_RE = re.compile(r"resume (?P<n>[0-9]{1,20}) sha256:(?P<hex>[0-9a-f]{64}) (?P<name>[^ ]*)\Z")
 
 
 def quote(raw: bytes) -> str:
@@ -191,6 +210,12 @@ def parse_greeting(text: str) -> bytes:
     return challenge
 
 
+def offers_resume(text: str) -> bool:
+    """The greeting carries the field ``resume`` (the last of equal names counts)."""
+    fields = dict(w.partition("=")[::2] for w in text.split(" ")[2:])
+    return fields.get(GREETING_RESUME) == ""
+
+
 def parse_auth_ok(rest: str) -> str:
     """The MAC of a ``235 ok mac=…`` line (compared, not trusted, by the caller)."""
     return rest.removeprefix("ok mac=")
@@ -225,6 +250,22 @@ def parse_stored(r: ReplyLine, f: ReceiptFields) -> tuple[str, str, str]:
     if sm is None:
         raise RemoteProtocolError(f"malformed receipt: {quote(r.text.encode())}")
     return sm["n"], sm["hex"], sm["name"]
+
+
+def parse_already(r: ReplyLine, f: ReceiptFields) -> tuple[str, str, str]:
+    """SIZE, HEX and the encoded final name of ``251 already stored …``."""
+    sm = _ALREADY_RE.match(f.text + " " + f.name)
+    if sm is None:
+        raise RemoteProtocolError(f"malformed 251 line: {quote(r.text.encode())}")
+    return sm["n"], sm["hex"], sm["name"]
+
+
+def parse_resume(r: ReplyLine, f: ReceiptFields) -> tuple[int, bytes]:
+    """OFFSET and the prefix digest of ``350 resume …`` (the MAC is the caller's)."""
+    sm = _RESUME_RE.match(f.text + " " + f.name)
+    if sm is None:
+        raise RemoteProtocolError(f"malformed 350 line: {quote(r.text.encode())}")
+    return int(sm["n"]), bytes.fromhex(sm["hex"])
 
 
 def decode_name(r: ReplyLine, name: str) -> bytes:
