@@ -312,12 +312,14 @@ def _check_box_path(box: BoxConfig, user: ServiceUser, report: Report) -> None:
 
 
 def _check_temps(box: BoxConfig, cfg: Config, report: Report) -> None:
+    from rstash.partials import PARTIALS_DIR, Partials
     from rstash.store import BoxStore
 
     try:
         # Read-only, no sweep; the path's ownership is _check_box_path's finding.
         with BoxStore(box.path, check_path=False) as store:
             temps = store.stale_temps()
+            expired = Partials(store, "", box.resume_ttl).expired()
     except (RstashError, OSError) as e:
         report.add(box.name, "warning", f"cannot look for stale temp files: {e}")
         return
@@ -326,6 +328,11 @@ def _check_temps(box: BoxConfig, cfg: Config, report: Report) -> None:
             report.add(box.name, "warning",
                        f"stale temp file {box.path / temp} ({human_size(size)}, "
                        f"{human_age(age)} old): a later session's sweep removes it")
+    for part, size, age in sorted(expired):
+        report.add(box.name, "warning",
+                   f"expired partial transfer {box.path / PARTIALS_DIR / part} ({human_size(size)}, "
+                   f"{human_age(age)} old, resume_ttl {human_age(box.resume_ttl)}): "
+                   f"a later session removes it")
 
 
 def _check_key(box: str, path: Path, user: ServiceUser, report: Report) -> None:

@@ -120,6 +120,8 @@ class Outcome(Enum):
 
     #: the file is durable under its final name
     STORED = (Reply.STORED, "stored", "stored", "stored", Exit.OK)
+    #: a re-run of a transfer stored before (251): counted stored, nothing sent
+    ALREADY_STORED = (Reply.ALREADY_STORED, "already stored", "already", "stored", Exit.OK)
     #: a dry run: the file would have been stored
     WOULD_STORE = (Reply.STORED, "would store", "would_store", "would_store", Exit.OK)
     #: a file of that name exists and overwrite = "refuse" (or no rename was free)
@@ -213,9 +215,9 @@ class Outcome(Enum):
 
 #: The outcomes the delivery log records, one word each (--status, --metrics).
 DELIVERY_OUTCOMES = frozenset(o.log for o in (
-    Outcome.STORED, Outcome.WOULD_STORE, Outcome.EXISTS, Outcome.TOO_LARGE,
-    Outcome.INSUFFICIENT_STORAGE, Outcome.ABORTED, Outcome.UNFINISHED, Outcome.AUTH_FAILED,
-    Outcome.REMOVED))
+    Outcome.STORED, Outcome.ALREADY_STORED, Outcome.WOULD_STORE, Outcome.EXISTS,
+    Outcome.TOO_LARGE, Outcome.INSUFFICIENT_STORAGE, Outcome.ABORTED, Outcome.UNFINISHED,
+    Outcome.AUTH_FAILED, Outcome.REMOVED))
 #: Log outcomes that --status counts as refusals.
 REFUSAL_LOG_OUTCOMES = frozenset({"exists", "refused", "temporary", "error", "auth_failed"})
 
