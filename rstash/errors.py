@@ -223,7 +223,7 @@ REFUSAL_LOG_OUTCOMES = frozenset({"exists", "refused", "temporary", "error", "au
 
 #: The per-file outcome of each reply code a client can receive in a receipt.
 _FILE_OUTCOMES: dict[int, Outcome] = {}
-for _o in (Outcome.STORED, Outcome.EXISTS, Outcome.TOO_LARGE, Outcome.NAME_NOT_ALLOWED,
+for _o in (Outcome.STORED, Outcome.ALREADY_STORED, Outcome.EXISTS, Outcome.TOO_LARGE, Outcome.NAME_NOT_ALLOWED,
            Outcome.INSUFFICIENT_STORAGE, Outcome.LOCAL_ERROR, Outcome.ABORTED, Outcome.BUSY):
     assert _o.code is not None
     _FILE_OUTCOMES[_o.code] = _o
