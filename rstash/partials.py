@@ -1,8 +1,11 @@
 """Interrupted transfers kept for resume, and stored transfers remembered for
 re-runs (rstash(7) RESUME AND RE-RUNS; resume_ttl in rstash-recv.toml(5)).
 
-This module owns the hidden directory ``.rstash-partials`` inside a box. A
-name there is a digest of the key's fingerprint, the transfer id and (for a
+This module owns the hidden directory ``.rstash-partials`` inside a box, which
+exists only while a partial does (the partial must be on the box's file system
+to be linked into it), and ``STATE_DIR/rerun/BOX/``, where the records of
+stored transfers live (small files on the local state_dir, never in the box).
+A name is a digest of the key's fingerprint, the transfer id and (for a
 partial) the requested name and size, so only the key that started a transfer
 finds it again, and nothing there can be named by a client (names may not
 begin with "."). Per partial: ``ID.SIZE.part`` (the bytes, locked with flock
@@ -17,6 +20,7 @@ is opened with O_NOFOLLOW relative to the box's descriptor).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -28,6 +32,7 @@ import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rstash.upload import Upload
@@ -120,6 +125,7 @@ class Partial:
         self.owner.unlink(self.meta)
         os.close(self.fd)
         self.fd = -1
+        self.owner.tidy()
 
     def keep(self, checkpoint: tuple[int, bytes] | None) -> bool:
         """The session ended before END: keep the bytes up to ``checkpoint`` for a resume."""
@@ -145,11 +151,14 @@ class Partial:
 class Partials:
     """The hidden area of one box, seen by one key."""
 
-    def __init__(self, store: BoxStore, fingerprint: str, ttl: float) -> None:
+    def __init__(self, store: BoxStore, fingerprint: str, ttl: float,
+                 records: Path | None = None) -> None:
+        """``records``: the directory of this box's stored-transfer records (None: none kept)."""
         self.store = store
         self.fp = fingerprint.encode("ascii")
         self.ttl = ttl
         self.done_ttl = max(ttl, DONE_MIN_TTL)
+        self.records = records
 
     @property
     def enabled(self) -> bool:
@@ -157,25 +166,45 @@ class Partials:
 
     # -- the directory --
 
-    def _dir(self, *, create: bool) -> int | None:
-        box = self.store.dir_fd
+    def _dir(self, *, create: bool, done: bool = False) -> int | None:
+        """The partials directory (relative to the box), or the records directory."""
+        if done and self.records is None:
+            return None
+        parent, name = ((str(self.records.parent), self.records.name) if done and self.records
+                        else (None, PARTIALS_DIR))
         try:
-            return os.open(PARTIALS_DIR, _DIR_FLAGS, dir_fd=box)
+            base = self.store.dir_fd if parent is None else os.open(parent, _DIR_FLAGS)
         except FileNotFoundError:
-            if not create:
+            if not create or parent is None:
+                return None
+            try:
+                os.makedirs(parent, 0o700, exist_ok=True)
+                base = os.open(parent, _DIR_FLAGS)
+            except OSError:
                 return None
         except OSError:
             return None
         try:
-            os.mkdir(PARTIALS_DIR, 0o700, dir_fd=box)
-        except FileExistsError:
-            pass
+            try:
+                return os.open(name, _DIR_FLAGS, dir_fd=base)
+            except FileNotFoundError:
+                if not create:
+                    return None
+            try:
+                os.mkdir(name, 0o700, dir_fd=base)
+            except FileExistsError:
+                pass
+            return os.open(name, _DIR_FLAGS, dir_fd=base)
         except OSError:
             return None
-        try:
-            return os.open(PARTIALS_DIR, _DIR_FLAGS, dir_fd=box)
-        except OSError:
-            return None
+        finally:
+            if parent is not None:
+                os.close(base)
+
+    def tidy(self) -> None:
+        """Remove the partials directory once it is empty: a box shows it only while needed."""
+        with contextlib.suppress(OSError):
+            os.rmdir(PARTIALS_DIR, dir_fd=self.store.dir_fd)
 
     def same_inode(self, name: str, fd: int) -> bool:
         dfd = self._dir(create=False)
@@ -190,8 +219,8 @@ class Partials:
             os.close(dfd)
         return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
-    def unlink(self, name: str) -> None:
-        fd = self._dir(create=False)
+    def unlink(self, name: str, *, done: bool = False) -> None:
+        fd = self._dir(create=False, done=done)
         if fd is None:
             return
         try:
@@ -201,9 +230,9 @@ class Partials:
         finally:
             os.close(fd)
 
-    def write_json(self, name: str, data: dict[str, Any]) -> None:
+    def write_json(self, name: str, data: dict[str, Any], *, done: bool = False) -> None:
         """Write ``name`` whole or not at all (temp, fsync, rename)."""
-        fd = self._dir(create=True)
+        fd = self._dir(create=True, done=done)
         if fd is None:
             raise OSError("cannot open the partials directory")
         tmp = f"{name}.{secrets.token_hex(8)}.tmp"
@@ -226,9 +255,9 @@ class Partials:
         finally:
             os.close(fd)
 
-    def read_json(self, name: str) -> tuple[dict[str, Any], float] | None:
+    def read_json(self, name: str, *, done: bool = False) -> tuple[dict[str, Any], float] | None:
         """(content, age in seconds) of a small regular file, or None."""
-        fd = self._dir(create=False)
+        fd = self._dir(create=False, done=done)
         if fd is None:
             return None
         try:
@@ -257,7 +286,7 @@ class Partials:
         """(final name, SHA-256) when this key stored transfer ``tid`` of ``name`` and ``size``."""
         if not self.enabled or size is None:
             return None
-        found = self.read_json(self._done_name(tid))
+        found = self.read_json(self._done_name(tid), done=True)
         if found is None or found[1] > self.done_ttl:
             return None
         rec = found[0]
@@ -274,7 +303,8 @@ class Partials:
             return
         try:
             self.write_json(self._done_name(tid), {"name": name.hex(), "size": size,
-                                                   "final": final.hex(), "sha256": sha256.hex()})
+                                                   "final": final.hex(), "sha256": sha256.hex()},
+                            done=True)
         except OSError:
             pass
 
@@ -341,8 +371,8 @@ class Partials:
 
     # -- expiry --
 
-    def _entries(self) -> Iterator[tuple[int, str]]:
-        fd = self._dir(create=False)
+    def _entries(self, *, done: bool = False) -> Iterator[tuple[int, str]]:
+        fd = self._dir(create=False, done=done)
         if fd is None:
             return
         try:
@@ -371,7 +401,7 @@ class Partials:
         removed: list[str] = []
         now = time.time()
         done: list[tuple[float, str]] = []
-        for dfd, n in self._entries():
+        for dfd, n in (e for records in (False, True) for e in self._entries(done=records)):
             try:
                 rfd = os.open(n, _READ_FLAGS, dir_fd=dfd)
             except OSError:
@@ -394,6 +424,7 @@ class Partials:
                 os.close(rfd)
         live = sorted(d for d in done if d[1] not in removed)
         for _mtime, n in live[:max(len(live) - MAX_DONE, 0)]:
-            self.unlink(n)
+            self.unlink(n, done=True)
             removed.append(n)
+        self.tidy()
         return removed

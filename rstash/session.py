@@ -223,7 +223,8 @@ class ServerSession(SessionLogging):
         except (OSError, RstashError):
             pass
         assert self.key is not None
-        partials = Partials(self.store, self.key.fingerprint, box.resume_ttl)
+        partials = Partials(self.store, self.key.fingerprint, box.resume_ttl,
+                            self.cfg.state_dir / "rerun" / box.name)
         partials.sweep()
         self.resume = ResumeFiles(self, partials)
         self.hooks = HookRunner(self.cfg.hook_timeout, self.log)

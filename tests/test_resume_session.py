@@ -75,6 +75,9 @@ class Peer:
              stop_at: int | None = None) -> object:
         """Send one file the way rstash-send does; ``stop_at``: cut the connection there."""
         self.send(self.c.file(name, len(content), 0, tid=tid))
+        if not self.c.waits:  # pipelined: no first line to wait for
+            self.send(self.c.data(content) + self.c.end())
+            return self.event()
         first = self.event()
         start = 0
         if isinstance(first, wire.ResumeOffer):
@@ -130,7 +133,7 @@ def test_a_cut_transfer_resumes_from_a_checkpoint_and_is_stored_whole(tmp_path: 
     kept = (40 * 2**20 // CHUNK) * CHUNK
     assert again.sent < SIZE - kept + 2**20
     assert _parts(tmp_path) == []
-    assert sorted(p.name for p in (tmp_path / "box").iterdir()) == [PARTIALS_DIR, "big.img"]
+    assert sorted(p.name for p in (tmp_path / "box").iterdir()) == ["big.img"]  # no hidden dir left
 
 
 def test_a_rerun_after_storing_is_answered_already_stored_without_data(tmp_path: Path) -> None:
@@ -223,3 +226,17 @@ def test_a_partial_held_by_another_session_is_not_shared(tmp_path: Path) -> None
     assert again.file().ok  # type: ignore[attr-defined]
     again.bye()
     assert (tmp_path / "box" / "big.img").read_bytes() == CONTENT
+
+
+def test_a_small_file_rerun_is_answered_251_and_the_box_shows_no_hidden_entry(tmp_path: Path) -> None:
+    (key,), conf = _site(tmp_path)
+    p = Peer(conf, key)
+    assert p.file(b"small", name=b"s.txt").ok  # type: ignore[attr-defined]
+    p.bye()
+    assert [q.name for q in (tmp_path / "box").iterdir()] == ["s.txt"]
+    assert len(list((tmp_path / "state" / "rerun" / "vm1").iterdir())) == 1
+    again = Peer(conf, key)
+    receipt = again.file(b"small", name=b"s.txt")  # pipelined: 251 at the FILE, then ABORT
+    again.bye()
+    assert isinstance(receipt, wire.Receipt) and receipt.already and receipt.code == 251
+    assert [q.name for q in (tmp_path / "box").iterdir()] == ["s.txt"]
