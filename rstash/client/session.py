@@ -33,10 +33,10 @@ from ..errors import (
 )
 from ..transport import FdStream, PeerClosed
 from ..units import human_size
+from . import resuming
 from .connect import Connection
 from .options import Options
 from .sources import Source
-from .tids import file_sha256, hash_prefix, transfer_id
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -241,68 +241,31 @@ class Session:
                 status = worst_exit(status, Exit.LOCAL)
         return status
 
-    def _tid(self, src: Source) -> bytes:
-        """A transfer id for a regular file in an interactive session that may resume."""
-        if (self.conn is None or not self.proto.resume or self.opts.dry_run or self.opts.no_resume
-                or src.size is None or src.label == "-" or src.proc is not None):
-            return wire.NO_TID
-        return transfer_id(src.label, box=self.proto.box.decode("utf-8"),
-                           fingerprint=self.proto.key.fingerprint, name=src.name) or wire.NO_TID
-
-    def _first_line(self) -> None:
-        """A waited FILE: read until its first line (354, 350, 251 or a refusal) is in."""
-        deadline = self._deadline()
-        while self.proto.state is wire.ClientState.WAITING:
-            if time.monotonic() > deadline:
-                raise PeerTimeout("timed out waiting for the server's answer to a file")
-            self._pump(max(0.01, deadline - time.monotonic()))
-            if self.proto.state is wire.ClientState.CLOSED:  # type: ignore[comparison-overlap]
-                raise TransportError(self.closed_message())
-
-    def _check_already(self, res: Result, src: Source) -> None:
-        """A 251 counts as stored only for the very content this file holds."""
-        if file_sha256(src.label) == res.sha256:
-            res.status = "stored"
-        else:
-            res.status, res.message = "error", (
-                f"the server stored other content under this transfer id as {res.final_name}")
-        self._report(res)
-
     def send_file(self, src: Source, *, offer_ok: bool = True) -> None:
         """The streaming loop: FILE, DATA until the source ends, then END (or ABORT)."""
         index = self.proto.files_sent
         res = self.results[index] = Result(src.name)
         self.offer = None
         self.write(self.proto.file(src.name.encode("utf-8"), src.size, src.mtime,
-                                   dry_run=self.opts.dry_run, tid=self._tid(src)))
+                                   dry_run=self.opts.dry_run, tid=resuming.tid_for(self, src)))
         if self.opts.dry_run:
             return
         self.refused_current = False
         if self.proto.waits:
-            self._first_line()
+            resuming.first_line(self)
             if self.proto.state is wire.ClientState.READY:  # 251 or a refusal: no data
                 if res.already:
-                    self._check_already(res, src)
+                    resuming.check_already(self, res, src)
                 return
         src.open()
         fd = src.read_fd()
         sent = 0
         if self.offer is not None:
-            offset = self.offer.offset
-            prefix = hash_prefix(fd, offset) if offer_ok else None
-            if prefix is None or prefix.digest() != self.offer.prefix:
-                # Not the bytes this file starts with (it changed): the server forgets
-                # them, and the file goes again from zero.
-                res.silent = True
-                self.write(self.proto.abort())
-                src.close()
-                if not offer_ok:
-                    raise SourceFailed("the server offered a resume twice for one file")
+            offset = resuming.take_offer(self, res, src, fd, offer_ok=offer_ok)
+            if offset is None:
                 self.send_file(src, offer_ok=False)
                 return
-            self.proto.resume_from(offset, prefix)
-            os.lseek(fd, offset, os.SEEK_SET)
-            sent = res.resumed_from = offset
+            sent = offset
         started = time.monotonic()
         bar = self._bar(src)
         if bar is not None and sent:
@@ -314,7 +277,7 @@ class Session:
                     self.write(self.proto.abort())
                     src.discard()
                     if res.already:
-                        self._check_already(res, src)
+                        resuming.check_already(self, res, src)
                     return
                 want = CHUNK if src.size is None else min(CHUNK, src.size - sent)
                 if want == 0:
