@@ -127,6 +127,12 @@ class Partial:
         self.fd = -1
         self.owner.tidy()
 
+    def release(self) -> None:
+        """Unlock the partial, left as it was kept."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
     def keep(self, checkpoint: tuple[int, bytes] | None) -> bool:
         """The session ended before END: keep the bytes up to ``checkpoint`` for a resume."""
         if self.fd < 0:

@@ -68,9 +68,24 @@ class ResumeFiles:
         assert hdr.size is not None and s.keys is not None
         partial = None
         if self.partials.enabled:
-            upload = store.begin(st.name, hdr.size)  # the name, size and limit checks
-            upload.abort()
+            if store.overwrite == "refuse" and store._entry(st.name) is not None:
+                raise Refused(Outcome.EXISTS, "name taken at begin")
+            if store.max_file_size is not None and hdr.size > store.max_file_size:
+                raise Refused(Outcome.TOO_LARGE, f"{hdr.size} > max_file_size {store.max_file_size}")
             partial = self.partials.open(hdr.tid, hdr.name, hdr.size)
+        if partial is not None:
+            try:
+                # The partial, named with its size, is this file's reservation: the
+                # scan counts it once (a resume needs no room for the file twice).
+                with store._dir_lock():
+                    store._check_limits(st.name, quota_add=0, free_need=0)
+            except Refused:
+                # A kept part stays for a later try (it may be what fits); a new one goes.
+                if partial.offset:
+                    partial.release()
+                else:
+                    partial.drop()
+                raise
         if partial is None:
             # Resume off for the box, or another session holds this partial: a
             # transfer of its own, like any file.

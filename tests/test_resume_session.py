@@ -240,3 +240,12 @@ def test_a_small_file_rerun_is_answered_251_and_the_box_shows_no_hidden_entry(tm
     again.bye()
     assert isinstance(receipt, wire.Receipt) and receipt.already and receipt.code == 251
     assert [q.name for q in (tmp_path / "box").iterdir()] == ["s.txt"]
+
+
+def test_a_resume_needs_room_for_the_file_once_not_twice(tmp_path: Path) -> None:
+    (key,), conf = _site(tmp_path, f"quota = {SIZE + 2**20}\n")
+    assert Peer(conf, key).file(stop_at=40 * 2**20) is None
+    again = Peer(conf, key)
+    receipt = again.file()
+    again.bye()
+    assert isinstance(receipt, wire.Receipt) and receipt.ok and again.sent < SIZE
