@@ -117,6 +117,7 @@ class Session:
         self.refused_current = False
         self.got_bytes = False
         self.offer: wire.ResumeOffer | None = None
+        self.sources: dict[int, Source] = {}  #: by FILE index, for the check of a 251
 
     # -- replies --
 
@@ -152,7 +153,7 @@ class Session:
             if self.proto.current_index == ev.index:
                 self.refused_current = True
             if ev.already:  # stored only once its digest is checked against the file
-                res.status = "error"
+                resuming.check_already(self, res, self.sources[ev.index])
             else:
                 self._report(res)
         elif isinstance(ev, wire.Done):
@@ -245,6 +246,7 @@ class Session:
         """The streaming loop: FILE, DATA until the source ends, then END (or ABORT)."""
         index = self.proto.files_sent
         res = self.results[index] = Result(src.name)
+        self.sources[index] = src
         self.offer = None
         self.write(self.proto.file(src.name.encode("utf-8"), src.size, src.mtime,
                                    dry_run=self.opts.dry_run, tid=resuming.tid_for(self, src)))
@@ -254,8 +256,6 @@ class Session:
         if self.proto.waits:
             resuming.first_line(self)
             if self.proto.state is wire.ClientState.READY:  # 251 or a refusal: no data
-                if res.already:
-                    resuming.check_already(self, res, src)
                 return
         src.open()
         fd = src.read_fd()
@@ -276,8 +276,6 @@ class Session:
                 if self.refused_current:
                     self.write(self.proto.abort())
                     src.discard()
-                    if res.already:
-                        resuming.check_already(self, res, src)
                     return
                 want = CHUNK if src.size is None else min(CHUNK, src.size - sent)
                 if want == 0:
