@@ -329,10 +329,8 @@ def _check_temps(box: BoxConfig, cfg: Config, report: Report) -> None:
                        f"stale temp file {box.path / temp} ({human_size(size)}, "
                        f"{human_age(age)} old): a later session's sweep removes it")
     for part, size, age in sorted(expired):
-        report.add(box.name, "warning",
-                   f"expired partial transfer {box.path / PARTIALS_DIR / part} ({human_size(size)}, "
-                   f"{human_age(age)} old, resume_ttl {human_age(box.resume_ttl)}): "
-                   f"a later session removes it")
+        report.add(box.name, "warning", f"expired partial transfer {box.path / PARTIALS_DIR / part}"
+                   f" ({human_size(size)}, {human_age(age)} old): a later session removes it")
 
 
 def _check_key(box: str, path: Path, user: ServiceUser, report: Report) -> None:
