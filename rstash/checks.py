@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from rstash.config import BoxConfig, Config, load_config
 from rstash.errors import ConfigError, KeyFileError, RstashError
+from rstash.sshlogin import reached_by
 from rstash.units import human_age, human_size
 
 Level = Literal["error", "warning", "info"]
@@ -202,6 +203,9 @@ def _check_box(box: BoxConfig, cfg: Config, user: ServiceUser, report: Report) -
                              f"quota {_size(box.quota)}, min_free {_size(box.min_free)}")
     report.add(name, "info", f"allow_from {_words(box.allow_from) if box.allow_from else 'any'}")
     report.add(name, "info", f"pipe_mode {'on' if box.pipe_mode else 'off'}")
+    report.add(name, "info", reached_by(box))
+    if box.auth != "key" and box.pipe_mode and not box.keys:
+        report.add(name, "warning", "pipe_mode is on but a pipe stream needs a box key, and the box has none")
     if box.on_receive:
         report.add(name, "info", f"on_receive {_words(box.on_receive)}")
     _check_retention(box, user, report)
@@ -229,8 +233,7 @@ def _check_retention(box: BoxConfig, user: ServiceUser, report: Report) -> None:
         report.add(box.name, "warning", f"cannot list the box for retention: {e.strerror or e}")
         return
     for r in plan[:MAX_LISTED]:
-        report.add(box.name, "info",
-                   f"retention would remove {_word(r.entry.name)} ({human_size(r.entry.size)}, "
+        report.add(box.name, "info", f"retention would remove {_word(r.entry.name)} ({human_size(r.entry.size)}, "
                    f"{human_age(r.age)} old, group {_word(r.group)}: {r.reason})")
     if len(plan) > MAX_LISTED:
         report.add(box.name, "info", f"retention would remove {len(plan) - MAX_LISTED} more files")
@@ -305,8 +308,7 @@ def _check_box_path(box: BoxConfig, user: ServiceUser, report: Report) -> None:
     errors, warnings = box_path_findings(str(box.path), uid)
     for problem in errors:
         if "world-writable" not in problem:  # reported above with the mode
-            report.add(box.name, "error", f"path {box.path}: {problem} (rstash-recv refuses "
-                                          "to serve it)")
+            report.add(box.name, "error", f"path {box.path}: {problem} (rstash-recv refuses to serve it)")
     for problem in warnings:
         report.add(box.name, "warning", f"path {box.path}: {problem}")
 
@@ -325,8 +327,7 @@ def _check_temps(box: BoxConfig, cfg: Config, report: Report) -> None:
         return
     for temp, size, age in sorted(temps):
         if age > cfg.idle_timeout:
-            report.add(box.name, "warning",
-                       f"stale temp file {box.path / temp} ({human_size(size)}, "
+            report.add(box.name, "warning", f"stale temp file {box.path / temp} ({human_size(size)}, "
                        f"{human_age(age)} old): a later session's sweep removes it")
     for part, size, age in sorted(expired):
         report.add(box.name, "warning", f"expired partial transfer {box.path / PARTIALS_DIR / part}"

@@ -226,7 +226,9 @@ def _effective_box(
     if b.keys is not None:
         base = Path(file).parent
         keys = tuple(base / k for k in b.keys)  # a relative key is beside its config file
-    if not keys and "keys" not in raw.bad:
+    auth = b.auth if "auth" in b.model_fields_set else defaults.auth
+    # Only the SSH login may stand in for a key; every other box has one (no open box).
+    if not keys and "keys" not in raw.bad and auth != "ssh":
         problems.append(
             problem_line(file, field_path("box", name, "keys"),
                   "a box needs at least one key (there is no open box)")

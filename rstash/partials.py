@@ -161,7 +161,7 @@ class Partials:
                  records: Path | None = None) -> None:
         """``records``: the directory of this box's stored-transfer records (None: none kept)."""
         self.store = store
-        self.fp = fingerprint.encode("ascii")
+        self.fp = fingerprint.encode("utf-8")
         self.ttl = ttl
         self.done_ttl = max(ttl, DONE_MIN_TTL)
         self.records = records

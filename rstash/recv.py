@@ -290,13 +290,16 @@ def _listen_fds() -> list[int]:
 def serve_stdio(cfg: Config, log: Logger, boxes: frozenset[str] | None) -> int:
     """One session on fd 0 (reads) and fd 1 (writes): inetd nowait, ssh, Accept=yes."""
     from .session import run_session
+    from .sshlogin import ssh_login
     from .transport import is_socket, peer_address, widen_pipe
 
     # A socket on fd 0 is the whole connection (inetd, systemd Accept=yes);
     # fd 1 may be a log file then. Pipes (ssh) read fd 0 and write fd 1.
     if not is_socket(0):
         widen_pipe(0)  # ssh: sshd writes the stream into this pipe
-    return run_session(cfg, log, 0, 0 if is_socket(0) else 1, peer=peer_address(0), boxes=boxes)
+    # Only here, one session on stdin/stdout, may an SSH login stand in for a key.
+    return run_session(cfg, log, 0, 0 if is_socket(0) else 1, peer=peer_address(0), boxes=boxes,
+                       login=ssh_login(boxes))
 
 
 if __name__ == "__main__":

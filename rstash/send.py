@@ -127,10 +127,16 @@ def _list_profiles(ns: argparse.Namespace) -> int:
 
 
 def _load_key(opts: Options) -> auth.Key:
-    path = opts.key or os.environ.get("RSTASH_KEY_FILE")
-    if not path:
+    key = _find_key(opts)
+    if key is None:
         raise UsageError("no key: give -k FILE or set RSTASH_KEY_FILE")
-    return auth.load_key_file(path, client=True)
+    return key
+
+
+def _find_key(opts: Options) -> auth.Key | None:
+    """The box key, or None when none is given (ssh:// then uses the SSH login: method ssh)."""
+    path = opts.key or os.environ.get("RSTASH_KEY_FILE")
+    return auth.load_key_file(path, client=True) if path else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,7 +178,8 @@ def run(opts: Options) -> int:
     if opts.stdout:
         return _pipe(opts, opts.dest)
     dest = parse_dest(opts.dest)
-    key = _load_key(opts)
+    # Only over ssh:// may the SSH login stand in for the box key (rstash(7) CONSTRUCTION 11).
+    key = _find_key(opts) if dest.scheme == "ssh" else _load_key(opts)
     sources = [] if opts.test else make_sources(opts)
     deadline = time.monotonic() + opts.busy_wait
     delay = 1.0

@@ -39,6 +39,7 @@ from .replay import utc
 from .resume import ResumeFiles
 from .sessionlog import FileState, SessionLogging, SessionResult
 from .settings import BoxConfig, Config
+from .sshlogin import UNKNOWN_KEY, SshLogin
 from .transport import FdStream
 
 #: Files whose 250 lines may wait for one shared directory fsync.
@@ -47,7 +48,7 @@ MAX_BATCH = 64
 
 class ServerSession(SessionLogging):
     def __init__(self, cfg: Config, stream: FdStream, log: Logger, *, peer: str | None = None,
-                 allowed_boxes: frozenset[str] | None = None,
+                 allowed_boxes: frozenset[str] | None = None, login: SshLogin | None = None,
                  on_stage: Callable[[str], None] | None = None) -> None:
         self.cfg = cfg
         self.stream = stream
@@ -60,7 +61,10 @@ class ServerSession(SessionLogging):
         self.started = time.monotonic()
         self.preauth_deadline = self.started + cfg.preauth_timeout
         self.box: BoxConfig | None = None
-        self.key: auth.Key | None = None
+        #: what authorised the session, for logs and --status: the box key or the SSH key
+        self.key_name: str | None = None
+        #: whose partials and re-run records this session sees (None: nobody's)
+        self._owner: str | None = None
         self.keys: auth.SessionKeys | None = None
         self.store: Any = None
         self.hooks: Any = None
@@ -71,7 +75,7 @@ class ServerSession(SessionLogging):
         self.deliveries = DeliveryLog(cfg.state_dir, log, peer=peer)
         #: the file being received (FILE seen, END or ABORT not yet)
         self._cur: FileState | None = None
-        self.judge = HelloJudge(cfg, {}, allowed_boxes=allowed_boxes)
+        self.judge = HelloJudge(cfg, {}, allowed_boxes=allowed_boxes, login=login)
         self.unusable_keys: UnusableKeys = {}  # refused key files, per box: the log's only
         #: verified files (END checked) whose commit, directory fsync and reply are pending
         self._ended: list[tuple[FileState, Any, wire.End]] = []
@@ -142,7 +146,7 @@ class ServerSession(SessionLogging):
     def _run(self) -> None:
         self.judge.box_keys = load_box_keys(self.cfg, self.log, self.unusable_keys)
         challenge = secrets.token_bytes(32)
-        greeting = wire.greeting_line(challenge, resume=True)
+        greeting = wire.greeting_line(challenge, resume=True, ssh=self.judge.offers_ssh)
         self.send(wire.line(greeting))
         event = self._next()
         if isinstance(event, wire.ConnectionClosed):
@@ -156,8 +160,7 @@ class ServerSession(SessionLogging):
         self._serve_files()
 
     def _judge_hello(self, hello: wire.Hello, greeting: bytes) -> bool:
-        pipe = hello.mode == wire.MODE_PIPE
-        self.mode = "pipe" if pipe else "interactive"
+        self.mode = "pipe" if (pipe := hello.mode == wire.MODE_PIPE) else "interactive"
         verdict = self.judge.judge(hello, greeting, self.peer)
         if verdict.outcome is not None or verdict.keys is None or verdict.box is None:
             self.log.warning(event="auth", outcome=Outcome.AUTH_FAILED.log,
@@ -169,8 +172,12 @@ class ServerSession(SessionLogging):
             self.send(wire.line(Outcome.AUTH_FAILED.line))
             self.result.outcome = Outcome.AUTH_FAILED.log
             return False
-        box, key, keys = verdict.box, verdict.key, verdict.keys
-        self.box, self.key, self.keys = box, key, keys
+        box, keys = verdict.box, verdict.keys
+        self.box, self.key_name, self.keys = box, verdict.key_name, keys
+        if verdict.key is not None:
+            self._owner = verdict.key.fingerprint
+        elif verdict.login is not None and verdict.login.key_name != UNKNOWN_KEY:
+            self._owner = verdict.login.key_name
         self.result.box = box.name
         self.conn.authenticate(keys)
         if pipe:
@@ -182,9 +189,9 @@ class ServerSession(SessionLogging):
         self.on_stage("authenticated")
         # An interactive session's time is not checked (its proof binds our challenge);
         # it is logged, so a client with a wrong clock can be found.
-        self.log.info(event="session", box=box.name, peer=self.peer,
-                      key=key.log_name() if key else None, mode=self.mode,
-                      outcome="authenticated", code=Reply.AUTH_OK, client_time=hello.time)
+        self.log.info(event="session", box=box.name, peer=self.peer, key=self.key_name, mode=self.mode,
+                      outcome="authenticated", code=Reply.AUTH_OK, client_time=hello.time,
+                      **verdict.login_fields())
         return True
 
     def _refuse_pipe(self, verdict: Verdict) -> None:
@@ -222,10 +229,13 @@ class ServerSession(SessionLogging):
             self.store.sweep(self.cfg.idle_timeout)
         except (OSError, RstashError):
             pass
-        assert self.key is not None
-        partials = Partials(self.store, self.key.fingerprint, box.resume_ttl,
+        # Partials and records belong to the key that authenticated: the box key, or under
+        # method ssh the SSH key; an SSH key sshd did not expose gets none (rstash(7)).
+        owner = self._owner
+        partials = Partials(self.store, owner or "", box.resume_ttl if owner else 0.0,
                             self.cfg.state_dir / "rerun" / box.name)
-        partials.sweep()
+        if owner:
+            partials.sweep()
         self.resume = ResumeFiles(self, partials)
         self.hooks = HookRunner(self.cfg.hook_timeout, self.log)
         while True:
@@ -402,20 +412,20 @@ class ServerSession(SessionLogging):
             self._log_file(st, Outcome.UNFINISHED, detail="session ended before END")
 
     def _close(self) -> None:
-        self.deliveries.log_repeats(box=self.result.box, key=self.key.log_name() if self.key else None)
+        self.deliveries.log_repeats(box=self.result.box, key=self.key_name)
         if self.hooks is not None:
             self.hooks.close()
         if self.store is not None:
             from .retention import after_store  # only once files may have been stored
 
             after_store(self.store, self.box, self.result.finals, self.log, self.deliveries,
-                        key=self.key.log_name() if self.key else None, peer=self.peer)  # after replies
+                        key=self.key_name, peer=self.peer)  # after replies
             self.store.close()
         self.deliveries.close()
 
 
 def run_session(cfg: Config, log: Logger, rfd: int, wfd: int | None = None, *,
-                peer: str | None, boxes: frozenset[str] | None,
+                peer: str | None, boxes: frozenset[str] | None, login: SshLogin | None = None,
                 on_stage: Callable[[str], None] | None = None) -> int:
     """Run one session on ``rfd`` (and ``wfd``, for a pipe pair) and return its exit status.
 
@@ -424,7 +434,7 @@ def run_session(cfg: Config, log: Logger, rfd: int, wfd: int | None = None, *,
     """
     try:
         return ServerSession(cfg, FdStream(rfd, wfd), log, peer=peer, allowed_boxes=boxes,
-                             on_stage=on_stage).run().status
+                             login=login, on_stage=on_stage).run().status
     except Exception as e:
         log.error(event="session", outcome="error", peer=peer, detail=f"{type(e).__name__}: {e}")
         return Exit.LOCAL

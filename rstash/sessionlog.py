@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import Exit, Outcome
 
 if TYPE_CHECKING:
-    from . import auth, wire
+    from . import wire
     from .config import BoxConfig
     from .delivery import DeliveryLog
     from .log import Logger
@@ -49,7 +49,8 @@ class SessionLogging:
     log: Logger
     deliveries: DeliveryLog
     box: BoxConfig | None
-    key: auth.Key | None
+    #: what authorised the session (the box key, or the SSH key of method ssh)
+    key_name: str | None
     peer: str | None
     mode: str
     result: SessionResult
@@ -65,7 +66,7 @@ class SessionLogging:
         fields: dict[str, Any] = {
             "event": "file", "box": box.name if box else None, "name": st.header.name,
             "final": final if final != st.name else None, "bytes": bytes_, "sha256": sha256,
-            "peer": self.peer, "key": self.key.log_name() if self.key else None,
+            "peer": self.peer, "key": self.key_name,
             "outcome": outcome.log, "code": outcome.code, "reason": reason, "detail": detail,
             "dur": time.monotonic() - st.started,
         }
@@ -75,7 +76,7 @@ class SessionLogging:
         (self.log.info if good else self.log.warning)(**fields)
         self.deliveries.record(box=box.name if box else "",
                                name=st.name if final is None else final, outcome=outcome,
-                               key=self.key.log_name() if self.key else None, bytes_=bytes_,
+                               key=self.key_name, bytes_=bytes_,
                                sha256=sha256)
 
     def _log_session(self, outcome: Outcome, *, files: int | None = None, **extra: Any) -> None:
@@ -88,7 +89,7 @@ class SessionLogging:
             word = f"truncated after {self.result.files}"
         fields: dict[str, Any] = {
             "event": "session", "box": self.box.name if self.box else None, "peer": self.peer,
-            "key": self.key.log_name() if self.key else None, "mode": self.mode,
+            "key": self.key_name, "mode": self.mode,
             "outcome": word, "code": outcome.code, "dur": time.monotonic() - self.started,
             "files": files, "stored": self.result.stored, **extra,
         }

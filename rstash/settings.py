@@ -44,6 +44,9 @@ SYSLOG_FACILITIES = (
 )
 LOG_TARGETS = ("auto", "syslog", "stderr")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+#: How a box's sessions authenticate: its key, the SSH login alone, or both
+#: (rstash-recv.toml(5) auth; rstash(7) CONSTRUCTION 11).
+AUTH_MODES = ("key", "ssh", "key+ssh")
 
 # ---------------------------------------------------------------------------
 # Checks. Each takes the raw TOML value and returns the field's value or raises
@@ -306,6 +309,7 @@ class BoxPolicy:
                                                                       empty="any"))
     pipe_mode: bool = field(default=False, metadata=meta(_boolean))
     resume_ttl: float = field(default=86400.0, metadata=meta(_ttl))
+    auth: str = field(default="key", metadata=meta(_one_of(AUTH_MODES, '"key", "ssh" or "key+ssh"')))
     on_receive: tuple[str, ...] | None = field(default=None, metadata=meta(_on_receive))
     #: retention (rstash.retention): keep the N newest files of each group ...
     keep_last: int | None = field(default=None, metadata=meta(_count))

@@ -373,8 +373,8 @@ BAD_CONFIGS: dict[str, tuple[str, dict[str, str], tuple[str, str, str]]] = {
         ("rstash-recv.toml", "idle_timout", "unknown key"),
     ),
     "unknown box key": (
-        minimal_box() + 'auth = "ssh"\n', {},
-        ("rstash-recv.toml", "box.vm1.auth", "unknown key"),
+        minimal_box() + 'authz = "ssh"\n', {},
+        ("rstash-recv.toml", "box.vm1.authz", "unknown key"),
     ),
     "bad overwrite": (
         minimal_box() + 'overwrite = "clobber"\n', {},

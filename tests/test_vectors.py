@@ -19,7 +19,7 @@ import pytest
 
 from rstash import auth
 from rstash import wire as protocol  # wire() is this file's line builder
-from rstash.errors import RemoteProtocolError
+from rstash.errors import LocalProtocolError, RemoteProtocolError
 from rstash.wire import ClientConnection, IntegrityError, Receipt, ServerConnection
 
 RAW: dict[str, Any] = json.loads((Path(__file__).parent / "vectors" / "vectors.json")
@@ -300,3 +300,113 @@ def test_a_tampered_350_is_refused() -> None:
 def non_canonical_or_flip(line: str) -> str:
     """The line with one digit of its OFFSET changed: its MAC no longer covers it."""
     return line.replace(f"resume {BIG['offset']} ", f"resume {BIG['offset'] - 1} ")
+
+
+def test_a_receipt_without_mac_is_refused_by_a_client_with_a_key() -> None:
+    # "macless_receipt_line": what method ssh sends; a client that sent method 1
+    # must never take it for a receipt, whatever the transport.
+    client = authed_client()
+    send_file(client, INP["file"]["name"].encode(), INP["file"]["size"])
+    client.receive_data(wire(NEG["macless_receipt_line"]))
+    event = client.next_event()
+    assert not isinstance(event, Receipt)
+    assert client.stored == 0
+
+
+# --- method ssh (rstash(7) CONSTRUCTION 11) ------------------------------------------
+
+SSH = MORE["ssh_method"]
+
+
+def test_ssh_method_hello_and_keys_match() -> None:
+    client = ClientConnection(None, INP["box"])
+    client.receive_data(wire(SSH["greeting"]))
+    assert isinstance(client.next_event(), protocol.Greeting)
+    hello = client.hello(bytes.fromhex(INP["nc"]), INP["t"])
+    assert hello == protocol.frame(protocol.FrameType.HELLO, bytes.fromhex(SSH["hello_payload"]))
+    keys = auth.ssh_session_keys(SSH["greeting"].encode(), bytes.fromhex(SSH["hello_without_proof"]))
+    assert (keys.th.hex(), keys.k_c2s.hex(), keys.k_s2c.hex()) == (SSH["th"], SSH["k_c2s"], SSH["k_s2c"])
+    assert client.keys == keys
+    assert protocol.auth_ok_line(keys) == wire(SSH["auth_line"])
+
+
+def test_ssh_method_session_frames_and_lines_match() -> None:
+    client = ClientConnection(None, INP["box"])
+    client.receive_data(wire(SSH["greeting"]))
+    client.next_event()
+    client.hello(bytes.fromhex(INP["nc"]), INP["t"])
+    client.receive_data(wire(SSH["auth_line"]))
+    assert isinstance(client.next_event(), protocol.AuthOk)
+    name = INP["file"]["name"].encode()
+    assert client.file(name, INP["file"]["size"], MTIME) == protocol.frame(
+        protocol.FrameType.FILE, bytes.fromhex(SSH["file_payload"]))
+    client.data(CONTENT)
+    assert client.end() == protocol.frame(protocol.FrameType.END, bytes.fromhex(SSH["end_payload"]))
+    assert client.bye() == protocol.frame(protocol.FrameType.BYE, bytes.fromhex(SSH["bye_payload"]))
+    client.receive_data(wire(SSH["receipt_line"]) + wire(SSH["done_line"]))
+    stored, done = client.next_event(), client.next_event()
+    assert isinstance(stored, Receipt) and stored.ok and stored.final_name == name
+    assert done == protocol.Done(1)
+    # The server's half reads the same frames and makes the same lines.
+    keys = auth.ssh_session_keys(SSH["greeting"].encode(), bytes.fromhex(SSH["hello_without_proof"]))
+    server = ServerConnection()
+    server.receive_data(protocol.frame(protocol.FrameType.HELLO, bytes.fromhex(SSH["hello_payload"])))
+    hello = server.next_event()
+    assert isinstance(hello, protocol.Hello) and hello.method == protocol.METHOD_SSH
+    server.authenticate(keys)
+    server.receive_data(protocol.frame(protocol.FrameType.FILE, bytes.fromhex(SSH["file_payload"]))
+                        + protocol.frame(protocol.FrameType.DATA, CONTENT)
+                        + protocol.frame(protocol.FrameType.END, bytes.fromhex(SSH["end_payload"])))
+    assert isinstance(server.next_event(), protocol.File)
+    assert isinstance(server.next_event(), protocol.Data)
+    end = server.next_event()
+    assert isinstance(end, protocol.End)
+    assert protocol.receipt_line(keys, 0, 250, name, n=end.n, sha256=end.sha256) == wire(SSH["receipt_line"])
+    assert protocol.receipt_line(keys, 1, 553, INP["refused_name"].encode()) == wire(SSH["refusal_line"])
+    assert protocol.bye_line(keys, 1, 1) == wire(SSH["done_line"])
+
+
+def test_a_keyless_client_refuses_a_greeting_without_ssh() -> None:
+    client = ClientConnection(None, INP["box"])
+    client.receive_data(wire(GREETING))
+    with pytest.raises(RemoteProtocolError, match="method ssh"):
+        client.next_event()
+
+
+def test_a_keyless_client_is_never_a_pipe_client() -> None:
+    with pytest.raises(LocalProtocolError, match="pipe mode"):
+        ClientConnection(None, INP["box"], pipe=True)
+
+
+def ssh_resume_client() -> ClientConnection:
+    client = ClientConnection(None, INP["box"])
+    client.receive_data(wire(SSH["greeting"] + " resume"))
+    assert isinstance(client.next_event(), protocol.Greeting) and client.resume
+    client.hello(bytes.fromhex(INP["nc"]), INP["t"])
+    client.receive_data(wire(SSH["auth_line"]))
+    assert isinstance(client.next_event(), protocol.AuthOk)
+    client.file(BIG["name"].encode(), BIG["size"], MTIME, tid=bytes.fromhex(BIG["tid"]))
+    return client
+
+
+def test_ssh_method_350_and_251_lines_carry_no_mac() -> None:
+    """rstash(7) CONSTRUCTION 11: under method ssh no server line carries a MAC field."""
+    keys = auth.ssh_session_keys(SSH["greeting"].encode(), bytes.fromhex(SSH["hello_without_proof"]))
+    name, offset = BIG["name"].encode(), BIG["offset"]
+    prefix, digest = h("more", "resume", "prefix_sha256"), h("more", "resume", "content_sha256")
+    offer = RES["resume_line"].rpartition(" mac=")[0]
+    already = RES["already_line"].rpartition(" mac=")[0]
+    assert protocol.resume_line(keys, 0, offset, prefix, name) == wire(offer)
+    assert protocol.already_line(keys, 0, name, BIG["size"], digest) == wire(already)
+    client = ssh_resume_client()
+    client.receive_data(wire(offer))
+    event = client.next_event()
+    assert isinstance(event, protocol.ResumeOffer) and (event.offset, event.prefix) == (offset, prefix)
+    client = ssh_resume_client()
+    done = receipt(client, already)
+    assert done.already and done.sha256 == digest.hex() and client.stored == 0
+    # The same lines with a MAC field are not method ssh's: they end the session.
+    client = ssh_resume_client()
+    client.receive_data(wire(RES["already_line"]))
+    with pytest.raises(RemoteProtocolError):
+        client.next_event()

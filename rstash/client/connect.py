@@ -38,6 +38,9 @@ class Connection:
         self.stderr_pump = stderr_pump
         #: ends our sending direction only (after BYE: rstash(7) "Closing the connection")
         self.half_closer: Callable[[], None] | None = None
+        #: an SSH channel we opened ourselves (ssh://): the only stream that may carry
+        #: method ssh, whose lines have no MAC (rstash(7) CONSTRUCTION 11)
+        self.over_ssh = False
 
     def half_close(self) -> None:
         """Tell the server we send nothing more, and keep reading."""
@@ -120,7 +123,9 @@ def spawn(argv: list[str], *, keep_stderr: bool = False) -> Connection:
 def connect(dest: Dest, opts: Options) -> Connection:
     if dest.scheme == "ssh":
         rsh = opts.rsh or os.environ.get("RSTASH_RSH") or "ssh"
-        return spawn(ssh_argv(rsh, dest, opts.remote_path, opts.subsystem), keep_stderr=True)
+        conn = spawn(ssh_argv(rsh, dest, opts.remote_path, opts.subsystem), keep_stderr=True)
+        conn.over_ssh = True
+        return conn
     port = dest.port or DEFAULT_PORT
     if opts.proxy_command:
         cmd = opts.proxy_command.replace("%h", dest.host).replace("%p", str(port)).replace("%%", "%")

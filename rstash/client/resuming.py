@@ -26,8 +26,11 @@ def tid_for(sess: Session, src: Source) -> bytes:
     if (sess.conn is None or not sess.proto.resume or sess.opts.dry_run or sess.opts.no_resume
             or src.size is None or src.label == "-" or src.proc is not None):
         return wire.NO_TID
+    # Method ssh has no box key: its tids are this client's own, "ssh" in place of the key.
+    key = sess.proto.key
     return transfer_id(src.label, box=sess.proto.box.decode("utf-8"),
-                       fingerprint=sess.proto.key.fingerprint, name=src.name) or wire.NO_TID
+                       fingerprint="ssh" if key is None else key.fingerprint,
+                       name=src.name) or wire.NO_TID
 
 
 def first_line(sess: Session) -> None:

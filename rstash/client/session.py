@@ -28,6 +28,7 @@ from ..errors import (
     Reply,
     RstashError,
     TransportError,
+    UsageError,
     outcome_of,
     worst_exit,
 )
@@ -58,9 +59,13 @@ LOCAL_ERROR_HINT = ("the server could not write into the box; ask its admin to r
                     "rstash-recv --check-config and read its log")
 
 
-def auth_failed_message(key: auth.Key, box: bytes, text: str) -> str:
+def auth_failed_message(key: auth.Key | None, box: bytes, text: str) -> str:
     """535 is the same for every cause (rstash(7) RULES, rule 1): name them all, and the key."""
     name = box.decode("utf-8", "replace")
+    if key is None:
+        return (f"authentication failed ({text}): the SSH login was refused for box {name!r} "
+                "(method ssh): the box needs auth = \"ssh\" and this SSH key the forced command "
+                f"'rstash-recv --box {name}'; the server's log line event=auth says which (reason=)")
     return (f"authentication failed ({text}): key {key.fingerprint} was refused for box "
             f"{name!r}: wrong key for the box, box name misspelt, or this address not in the "
             "box's allow_from; the server's log line event=auth says which (reason=)")
@@ -397,9 +402,15 @@ class Session:
             sys.stderr.write(line + "\n")
 
 
-def run_interactive(opts: Options, key: auth.Key, box: str, conn: Connection,
+def run_interactive(opts: Options, key: auth.Key | None, box: str, conn: Connection,
                     sources: list[Source]) -> int:
-    """One interactive session over ``conn`` (closed on return); its exit status."""
+    """One interactive session over ``conn`` (closed on return); its exit status.
+
+    Without a key it speaks method ssh, and only over an SSH channel of its own.
+    """
+    if key is None and not conn.over_ssh:
+        conn.close()
+        raise UsageError("no key: only an ssh:// destination can go without one")
     sess = Session(opts, wire.ClientConnection(key, box, server_id=opts.server_id), conn.stream, conn)
     try:
         try:
@@ -408,7 +419,7 @@ def run_interactive(opts: Options, key: auth.Key, box: str, conn: Connection,
                 sess.finish()
                 if not sess.proto.authenticated:
                     raise RemoteProtocolError("221 before 235")
-                print(f"{PROTOCOL} ok: {opts.dest} key {key.fingerprint}")
+                print(f"{PROTOCOL} ok: {opts.dest} " + (f"key {key.fingerprint}" if key else "ssh login"))
                 return Exit.OK
             session_status = sess.send_all(sources)
             sess.finish()

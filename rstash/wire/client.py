@@ -2,8 +2,12 @@
 
 The client computes every tag it sends and verifies every MAC the server
 sends (235, each receipt, 221): a receipt counts only when its MAC covers the
-client's own count and digest of what it sent. It must never do I/O, read a
-clock or draw random bytes: nonces and times are arguments.
+client's own count and digest of what it sent. Without a key it speaks method
+ssh (rstash(7) CONSTRUCTION 11): only then are lines without a MAC believed,
+and only after the greeting offered ssh; the caller must create such a client
+only for a stream it carries over its own SSH channel, never in pipe mode.
+It must never do I/O, read a clock or draw random bytes: nonces and times are
+arguments.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from .frames import (
     EXT_SERVER_ID,
     FLAG_DRY_RUN,
     MAX_DATA,
+    METHOD_HMAC_SHA256,
+    METHOD_SSH,
     MODE_INTERACTIVE,
     MODE_PIPE,
     NEED_DATA,
@@ -48,12 +54,14 @@ from .replies import (
     ReceiptFields,
     ReplyLine,
     decode_name,
+    greeting_methods,
     offers_resume,
     parse_already,
     parse_auth_ok,
     parse_bye,
     parse_greeting,
     parse_line,
+    parse_plain_receipt,
     parse_receipt,
     parse_resume,
     parse_stored,
@@ -66,10 +74,13 @@ class ClientConnection:
     """The client's half: frames out, verified replies in.
 
     Pipe mode (``pipe=True``) never reads a greeting: its HELLO binds an empty G.
+    ``key=None`` is method ssh, for a stream over the caller's own SSH channel.
     """
 
-    def __init__(self, key: auth.Key, box: str, *, pipe: bool = False,
+    def __init__(self, key: auth.Key | None, box: str, *, pipe: bool = False,
                  server_id: str | None = None) -> None:
+        if key is None and pipe:
+            raise LocalProtocolError("pipe mode needs a key: method ssh needs an SSH channel")
         self.key = key
         self.box = box.encode("utf-8")
         self.pipe = pipe
@@ -136,11 +147,13 @@ class ClientConnection:
     def hello(self, nonce: bytes, time: int) -> bytes:
         self._step(Step.HELLO, ours=True)
         ext = {} if self.server_id is None else {EXT_SERVER_ID: self.server_id.encode("utf-8")}
+        key = self.key
         signed = hello_without_proof(mode=MODE_PIPE if self.pipe else MODE_INTERACTIVE,
-                                     box=self.box, key_id=self.key.key_id, nonce=nonce,
-                                     time=time, ext=ext)
+                                     box=self.box, key_id=bytes(auth.KEY_ID_LEN) if key is None else key.key_id,
+                                     nonce=nonce, time=time, ext=ext,
+                                     method=METHOD_SSH if key is None else METHOD_HMAC_SHA256)
         g = b"" if self.pipe else self.greeting.encode("ascii")
-        self.keys = auth.session_keys(self.key, g, signed)
+        self.keys = auth.ssh_session_keys(g, signed) if key is None else auth.session_keys(key, g, signed)
         return frame(FrameType.HELLO, signed + self.keys.proof)
 
     def _session_keys(self) -> auth.SessionKeys:
@@ -273,6 +286,9 @@ class ClientConnection:
     def _line_greeting(self, r: ReplyLine) -> ClientEvent:
         if r.code == Reply.GREETING:
             challenge = parse_greeting(r.text)
+            if self.key is None and "ssh" not in greeting_methods(r.text):
+                raise RemoteProtocolError("the server does not offer method ssh for this box: "
+                                          "give its key (-k) or see rstash-recv(8) SSH")
             self.greeting = r.text
             self.resume = offers_resume(r.text)
             self._step(Step.GREETING, ours=False)
@@ -291,7 +307,10 @@ class ClientConnection:
             return Greeting(r.text, b"")
         if r.code != Reply.AUTH_OK:
             return SessionRefused(r.code, r.text)
-        if not auth.verify_line_mac(auth.auth_mac(self._session_keys().k_s2c), parse_auth_ok(r.rest)):
+        if self.key is None:
+            if r.rest != "ok":
+                raise RemoteProtocolError(f"malformed 235 line for method ssh: {quote(r.text.encode())}")
+        elif not auth.verify_line_mac(auth.auth_mac(self._session_keys().k_s2c), parse_auth_ok(r.rest)):
             raise RemoteProtocolError("the server's 235 failed its MAC: it does not hold the key")
         self._step(Step.AUTH_OK, ours=False)
         return AuthOk()
@@ -299,7 +318,7 @@ class ClientConnection:
     def _line_authenticated(self, r: ReplyLine) -> ClientEvent:
         if r.code in (Reply.GO, Reply.RESUME):
             return self._interim(r)
-        fields = parse_receipt(r.rest)
+        fields = self._fields(r)
         if r.code == Reply.BYE and self.state is ClientState.BYE_SENT and not self._pending:
             return self._bye_ok(r)
         if r.code == Reply.BYE or (fields is not None and not self._pending):
@@ -322,6 +341,11 @@ class ClientConnection:
             self._hash = None
         return receipt
 
+    def _fields(self, r: ReplyLine) -> ReceiptFields | None:
+        # Lines without a MAC are receipts only under method ssh, which only a
+        # client without a key speaks; with a key they end nothing but the session.
+        return parse_receipt(r.rest) if self.key is not None else parse_plain_receipt(r)
+
     def _interim(self, r: ReplyLine) -> ClientEvent:
         """354 or 350: the first line of the waited FILE at the head of the queue."""
         head = self._pending[0] if self._pending else None
@@ -333,14 +357,14 @@ class ClientConnection:
                 raise RemoteProtocolError(f"malformed 354 line: {quote(r.text.encode())}")
             self._step(Step.GO, ours=False)
             return Go(head.index)
-        fields = parse_receipt(r.rest)
+        fields = self._fields(r)
         if fields is None:
             raise RemoteProtocolError(f"malformed 350 line: {quote(r.text.encode())}")
         offset, prefix = parse_resume(r, fields)
         if head.size is None or not 0 < offset < head.size:
             raise RemoteProtocolError(f"350 offers {offset} bytes of a {head.size}-byte file")
         expected = auth.resume_mac(self._session_keys().k_s2c, head.index, offset, prefix, head.name)
-        if not auth.verify_line_mac(expected, fields.mac):
+        if self.key is not None and not auth.verify_line_mac(expected, fields.mac):
             raise RemoteProtocolError(f"350 for file {head.index} failed its MAC")
         self._step(Step.OFFER, ours=False)
         self._offer = (offset, prefix)
@@ -354,16 +378,17 @@ class ClientConnection:
         final = decode_name(r, name)
         expected = auth.already_mac(self._session_keys().k_s2c, pending.index, final, pending.size,
                                     bytes.fromhex(hex_digest))
-        if not auth.verify_line_mac(expected, fields.mac):
+        if self.key is not None and not auth.verify_line_mac(expected, fields.mac):
             raise RemoteProtocolError(f"251 for file {pending.index} failed its MAC")
         return Receipt(pending.index, r.code, "already stored", pending.name, final, pending.size,
                        hex_digest, False, already=True)
 
     def _bye_ok(self, r: ReplyLine) -> Done:
-        stored, mac = parse_bye(r)
+        stored, mac = parse_bye(r, macs=self.key is not None)
         if stored != self.stored:
             raise RemoteProtocolError(f"221 says {stored} stored, {self.stored} receipts were verified")
-        if not auth.verify_line_mac(auth.done_mac(self._session_keys().k_s2c, self._next_index, stored), mac):
+        expected = auth.done_mac(self._session_keys().k_s2c, self._next_index, stored)
+        if self.key is not None and not auth.verify_line_mac(expected, mac):
             raise RemoteProtocolError("the server's 221 failed its MAC")
         self._step(Step.BYE_OK, ours=False)
         return Done(stored)
@@ -378,7 +403,7 @@ class ClientConnection:
         final = decode_name(r, name)
         expected = auth.receipt_mac(self._session_keys().k_s2c, pending.index, r.code, final,
                                     pending.n, pending.digest)
-        if not auth.verify_line_mac(expected, fields.mac):
+        if self.key is not None and not auth.verify_line_mac(expected, fields.mac):
             raise RemoteProtocolError(f"receipt for file {pending.index} failed its MAC")
         self.stored += 1
         return Receipt(pending.index, r.code, "stored", pending.name, final, pending.n,
@@ -387,7 +412,7 @@ class ClientConnection:
     def _verdict(self, r: ReplyLine, fields: ReceiptFields, pending: Pending) -> Receipt:
         """A refusal, or a dry run's ``250 would store``: MACed over the requested name."""
         expected = auth.receipt_mac(self._session_keys().k_s2c, pending.index, r.code, pending.name)
-        if not auth.verify_line_mac(expected, fields.mac):
+        if self.key is not None and not auth.verify_line_mac(expected, fields.mac):
             raise RemoteProtocolError(f"receipt for file {pending.index} failed its MAC")
         reason = "would store" if r.code == Reply.STORED else fields.text
         return Receipt(pending.index, r.code, reason, pending.name, pending.name, 0, "", pending.dry_run)

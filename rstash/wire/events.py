@@ -19,6 +19,7 @@ from .frames import (
     EXT_SERVER_ID,
     FLAG_DRY_RUN,
     METHOD_HMAC_SHA256,
+    METHOD_SSH,
     MODE_INTERACTIVE,
     MODE_PIPE,
     NO_TID,
@@ -56,9 +57,9 @@ def encode_ext(ext: dict[int, bytes]) -> bytes:
 
 
 def hello_without_proof(*, mode: int, box: bytes, key_id: bytes, nonce: bytes, time: int,
-                        ext: dict[int, bytes] | None = None) -> bytes:
+                        ext: dict[int, bytes] | None = None, method: int = METHOD_HMAC_SHA256) -> bytes:
     """The signed part of a HELLO; the proof over it follows on the wire."""
-    return (bytes([PROTOCOL_VERSION, mode, METHOD_HMAC_SHA256]) + auth.s(box) + key_id
+    return (bytes([PROTOCOL_VERSION, mode, method]) + auth.s(box) + key_id
             + nonce + auth.u64(time) + auth.s(encode_ext(ext or {})))
 
 
@@ -67,7 +68,7 @@ def parse_hello(payload: bytes) -> Hello:
     flaw is ``535``, like a failed proof, so a prober learns nothing."""
     if len(payload) >= 1 and payload[0] != PROTOCOL_VERSION:
         raise RemoteProtocolError("protocol version not supported", reply=Reply.VERSION_NOT_SUPPORTED)
-    if len(payload) >= 3 and payload[2] != METHOD_HMAC_SHA256:
+    if len(payload) >= 3 and payload[2] not in (METHOD_HMAC_SHA256, METHOD_SSH):
         raise RemoteProtocolError("method not supported", reply=Reply.METHOD_NOT_SUPPORTED)
     r = PayloadReader(payload, Reply.AUTH_FAILED)
     version, mode, method = r.u8(), r.u8(), r.u8()

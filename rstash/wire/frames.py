@@ -23,6 +23,8 @@ from ..errors import LocalProtocolError, RemoteProtocolError
 
 PROTOCOL_VERSION = 1
 METHOD_HMAC_SHA256 = 1
+#: the SSH server authenticated the client (rstash(7) CONSTRUCTION 11)
+METHOD_SSH = 0
 MODE_INTERACTIVE = 1
 MODE_PIPE = 2
 FLAG_DRY_RUN = 1

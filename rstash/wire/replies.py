@@ -22,6 +22,8 @@ MAX_LINE = 1024
 _PRINTABLE = re.compile(rb"[\x20-\x7e]*")
 #: The greeting's fixed prefix; the challenge follows it.
 GREETING_PREFIX = "220 rstash/1 methods=hmac-sha256 challenge="
+#: The same for a server that offers method ssh too (rstash(7) CONSTRUCTION 11).
+SSH_GREETING_PREFIX = "220 rstash/1 methods=hmac-sha256,ssh challenge="
 #: How many bytes of a refused name are echoed (the MAC covers the whole name).
 ECHO_LIMIT = 255
 
@@ -89,13 +91,19 @@ def line(text: str) -> bytes:
     return data
 
 
-def greeting_line(challenge: bytes, *, resume: bool = False) -> str:
+def greeting_line(challenge: bytes, *, resume: bool = False, ssh: bool = False) -> str:
     """The greeting's text (the transcript hash binds it without its CRLF)."""
-    return GREETING_PREFIX + auth.b64url(challenge) + (" " + GREETING_RESUME if resume else "")
+    prefix = SSH_GREETING_PREFIX if ssh else GREETING_PREFIX
+    return prefix + auth.b64url(challenge) + (" " + GREETING_RESUME if resume else "")
+
+
+def _mac(keys: auth.SessionKeys, mac: str) -> str:
+    """`` mac=…``, or nothing under method ssh, whose channel the SSH server protects."""
+    return f" mac={mac}" if keys.macs else ""
 
 
 def auth_ok_line(keys: auth.SessionKeys) -> bytes:
-    return line(f"{Reply.AUTH_OK} ok mac={auth.auth_mac(keys.k_s2c)}")
+    return line(f"{Reply.AUTH_OK} ok{_mac(keys, auth.auth_mac(keys.k_s2c))}")
 
 
 def receipt_line(keys: auth.SessionKeys, index: int, code: int, name: bytes, *,
@@ -105,19 +113,19 @@ def receipt_line(keys: auth.SessionKeys, index: int, code: int, name: bytes, *,
     if code == Reply.STORED:
         if dry_run:
             mac = auth.receipt_mac(keys.k_s2c, index, code, name)
-            return line(f"250 would store {pct_encode(name)} mac={mac}")
+            return line(f"250 would store {pct_encode(name)}{_mac(keys, mac)}")
         final = name if final_name is None else final_name
         mac = auth.receipt_mac(keys.k_s2c, index, code, final, n, sha256)
-        return line(f"250 stored {n} sha256:{sha256.hex()} {pct_encode(final)} mac={mac}")
+        return line(f"250 stored {n} sha256:{sha256.hex()} {pct_encode(final)}{_mac(keys, mac)}")
     text = reason or RECEIPT_TEXT[code]
     mac = auth.receipt_mac(keys.k_s2c, index, code, name)
-    return line(f"{code} {text} {pct_encode(name[:ECHO_LIMIT])} mac={mac}")
+    return line(f"{code} {text} {pct_encode(name[:ECHO_LIMIT])}{_mac(keys, mac)}")
 
 
 def resume_line(keys: auth.SessionKeys, index: int, offset: int, prefix: bytes, name: bytes) -> bytes:
     """The offer of a kept prefix to a waited FILE (rstash(7) RESUME AND RE-RUNS)."""
     mac = auth.resume_mac(keys.k_s2c, index, offset, prefix, name)
-    return line(f"{Reply.RESUME} resume {offset} sha256:{prefix.hex()} {pct_encode(name)} mac={mac}")
+    return line(f"{Reply.RESUME} resume {offset} sha256:{prefix.hex()} {pct_encode(name)}{_mac(keys, mac)}")
 
 
 #: A waited FILE is sent from its first byte. No MAC: forging it only costs the transfer.
@@ -127,7 +135,7 @@ GO_LINE = "354 go"
 def already_line(keys: auth.SessionKeys, index: int, final_name: bytes, n: int, sha256: bytes) -> bytes:
     mac = auth.already_mac(keys.k_s2c, index, final_name, n, sha256)
     return line(f"{Reply.ALREADY_STORED} already stored {n} sha256:{sha256.hex()} "
-                f"{pct_encode(final_name)} mac={mac}")
+                f"{pct_encode(final_name)}{_mac(keys, mac)}")
 
 
 def integrity_line(name: bytes) -> bytes:
@@ -135,7 +143,7 @@ def integrity_line(name: bytes) -> bytes:
 
 
 def bye_line(keys: auth.SessionKeys, count: int, stored: int) -> bytes:
-    return line(f"{Reply.BYE} bye {stored} mac={auth.done_mac(keys.k_s2c, count, stored)}")
+    return line(f"{Reply.BYE} bye {stored}{_mac(keys, auth.done_mac(keys.k_s2c, count, stored))}")
 
 
 def session_line(code: int) -> bytes:
@@ -150,6 +158,12 @@ def skew_line(skew: int) -> bytes:
 
 _LINE_RE = re.compile(r"([2-5][0-9]{2}) (.*)\Z")
 _RECEIPT_RE = re.compile(r"(?P<text>.*?) ?(?P<name>[^ ]*) mac=(?P<mac>[A-Za-z0-9_-]{22})\Z")
+#: A receipt of method ssh: no MAC field, NAME after the last space (may be empty).
+_PLAIN_RECEIPT_RE = re.compile(r"(?P<text>[^ ]+(?: [^ ]+)*?) (?P<name>[^ ]*)\Z")
+#: Per-file codes; a method-ssh line with another code, or with a session line's
+#: exact text (``451 local error``), ends the session.
+_PER_FILE_CODES = frozenset({Reply.STORED, Reply.ALREADY_STORED, Reply.RESUME, *RECEIPT_TEXT,
+                             Reply.TOO_LARGE})
 _STORED_RE = re.compile(r"stored (?P<n>[0-9]{1,20}) sha256:(?P<hex>[0-9a-f]{64}) (?P<name>[^ ]+)\Z")
 _ALREADY_RE = re.compile(r"already " + _STORED_RE.pattern)
 _RESUME_RE = re.compile(r"resume (?P<n>[0-9]{1,20}) sha256:(?P<hex>[0-9a-f]{64}) (?P<name>[^ ]*)\Z")
@@ -193,6 +207,12 @@ def parse_line(raw: bytes) -> ReplyLine:
     return ReplyLine(int(m.group(1)), m.group(2), text)
 
 
+def greeting_methods(text: str) -> list[str]:
+    """The methods a greeting offers (the last ``methods=`` field counts)."""
+    fields = dict(w.partition("=")[::2] for w in text.split(" ")[2:])
+    return fields.get("methods", "").split(",")
+
+
 def parse_greeting(text: str) -> bytes:
     """The challenge of a ``220 rstash/1 …`` greeting that offers hmac-sha256."""
     words = text.split(" ")
@@ -221,12 +241,16 @@ def parse_auth_ok(rest: str) -> str:
     return rest.removeprefix("ok mac=")
 
 
-def parse_bye(r: ReplyLine) -> tuple[int, str]:
-    """STORED and the MAC of a ``221 bye STORED mac=…`` line."""
+def parse_bye(r: ReplyLine, *, macs: bool = True) -> tuple[int, str]:
+    """STORED and the MAC of a ``221 bye STORED mac=…`` line (method ssh: no MAC, "")."""
     parts = r.rest.split(" ")
-    if len(parts) != 3 or parts[0] != "bye" or not parts[1].isdigit() or not parts[2].startswith("mac="):
+    if macs:
+        ok = len(parts) == 3 and parts[2].startswith("mac=")
+    else:
+        ok = len(parts) == 2
+    if not ok or parts[0] != "bye" or not parts[1].isdigit() or len(parts[1]) > 20:
         raise RemoteProtocolError(f"malformed 221 line: {quote(r.text.encode())}")
-    return int(parts[1]), parts[2][4:]
+    return int(parts[1]), parts[2][4:] if macs else ""
 
 
 @dataclass(frozen=True)
@@ -242,6 +266,14 @@ def parse_receipt(rest: str) -> ReceiptFields | None:
     """The fields of a receipt, or None when the line has no receipt's shape."""
     m = _RECEIPT_RE.match(rest)
     return None if m is None else ReceiptFields(m["text"], m["name"], m["mac"])
+
+
+def parse_plain_receipt(r: ReplyLine) -> ReceiptFields | None:
+    """A method-ssh receipt (``TEXT NAME``, MAC ""), or None for a line that ends the session."""
+    if r.code not in _PER_FILE_CODES or r.text in SESSION_LINES.values():
+        return None
+    m = _PLAIN_RECEIPT_RE.match(r.rest)
+    return None if m is None else ReceiptFields(m["text"], m["name"], "")
 
 
 def parse_stored(r: ReplyLine, f: ReceiptFields) -> tuple[str, str, str]:

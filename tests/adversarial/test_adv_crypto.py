@@ -162,7 +162,9 @@ def test_a_clock_jump_never_lets_a_replay_through(box: Box,
 
 
 @pytest.mark.parametrize("pos,value,expect", [(0, 2, b"505 "), (0, 0, b"505 "), (0, 255, b"505 "),
-                                              (2, 2, b"504 "), (2, 0, b"504 "), (1, 3, b"535 ")])
+                                              (2, 2, b"504 "), (2, 255, b"504 "), (1, 3, b"535 "),
+                                              # method 0 (ssh) on a box that does not offer it
+                                              (2, 0, b"535 ")])
 def test_an_unknown_version_method_or_mode_is_refused(box: Box, pos: int, value: int,
                                                       expect: bytes) -> None:
     with fixed_challenge(CHALLENGE) as g:

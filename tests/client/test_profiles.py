@@ -305,7 +305,8 @@ def test_the_shipped_example_validates_with_its_paths_moved(
     assert "/etc/rstash/send/" in text
     moved = write(tmp_path / "send.toml", text.replace("/etc/rstash/send/", f"{tmp_path}/keys/"))
     found = profiles.load(str(moved))
-    assert sorted(found.by_name) == ["db", "nightly"]
+    assert sorted(found.by_name) == ["db", "nightly", "vm2"]
+    assert found.get("vm2").key is None  # an ssh-only box: the SSH login is the secret
     # Every setting a profile can hold appears in the example, set or commented out.
     for setting in PROFILE_SETTINGS:
         assert f"\n{setting} = " in text or f"\n# {setting} = " in text, setting

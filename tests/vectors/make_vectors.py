@@ -53,12 +53,23 @@ without CRLF, integers are JSON numbers):
                     end_payload (n = size) and receipt_line (250); then a
                     re-run's FILE i=0 in a session with the same keys
                     answered by already_line (251)
+    ssh_method      method 0 (ssh), mode 1, G = the greeting offering
+                    "hmac-sha256,ssh": greeting, hello_without_proof (key_id
+                    8 zero bytes), th, hello_payload (proof 32 zero bytes),
+                    k_c2s and k_s2c (derived with K = 32 zero bytes),
+                    auth_line ("235 ok", no MAC), file0 payload and
+                    end_payload under these keys, receipt_line (no MAC),
+                    bye_payload (count 1), done_line ("221 bye 1", no MAC),
+                    refusal_line (i=1, 553, inputs.refused_name, no MAC)
   negative          inputs that must be refused:
     bad_file_tag    FILE payload of file0 with the last tag byte XOR 0x01;
                     the server answers reply_line (no NAME) and ends
     non_canonical_auth_line     the 235 line with a non-canonical MAC (the
                     same 16 bytes, last character's unused bits set)
     non_canonical_receipt_line  the file0 receipt likewise
+    macless_receipt_line        the file0 receipt without its MAC field,
+                    as method ssh sends it: a client that sent method 1
+                    must refuse it
 """
 
 from __future__ import annotations
@@ -140,6 +151,40 @@ def handshake(mode: int, g: str, ext: bytes = b"") -> dict[str, bytes]:
         hello_payload=body + proof,
         k_c2s=E(b"c2s tags\0" + th),
         k_s2c=E(b"s2c receipts\0" + th),
+    )
+
+
+SSH_GREETING = "220 rstash/1 methods=hmac-sha256,ssh challenge=" + b64url(CHALLENGE)
+
+
+def ssh_method() -> dict[str, Any]:
+    """rstash(7) CONSTRUCTION 11: method 0, key_id and proof all zeros, the keys
+    derived as for an all-zero K, and every server line without its MAC field."""
+    prk0 = mac(b"rstash/1", bytes(32))
+
+    def e0(info: bytes) -> bytes:
+        return mac(prk0, info + b"\x01")
+
+    body = bytes([1, 1, 0]) + s(BOX.encode()) + bytes(8) + NC + u64(T) + s(b"")
+    th = hashlib.sha256(b"rstash/1 hello\0" + s(SSH_GREETING.encode()) + body).digest()
+    k_c2s = e0(b"c2s tags\0" + th)
+    hdr = header(0, NAME, SIZE)
+    d = hashlib.sha256(CONTENT).digest()
+    end = mac(k_c2s, b"END\0" + hashlib.sha256(hdr).digest() + u64(len(CONTENT)) + d)
+    return dict(
+        greeting=SSH_GREETING,
+        hello_without_proof=body,
+        th=th,
+        hello_payload=body + bytes(32),
+        k_c2s=k_c2s,
+        k_s2c=e0(b"s2c receipts\0" + th),
+        auth_line="235 ok",
+        file_payload=hdr + mac(k_c2s, b"FILE\0" + hdr),
+        end_payload=u64(len(CONTENT)) + end,
+        receipt_line=f"250 stored {len(CONTENT)} sha256:{d.hex()} {pct(NAME)}",
+        bye_payload=u64(1) + mac(k_c2s, b"BYE\0" + u64(1)),
+        done_line="221 bye 1",
+        refusal_line=f"553 name not allowed {pct(REFUSED)}",
     )
 
 
@@ -250,6 +295,7 @@ def more(ia: dict[str, bytes], f: dict[str, Any]) -> dict[str, Any]:
             auth_line="235 ok mac=" + b64url(mac(sid["k_s2c"], b"AUTH\0")[:16]),
         ),
         resume=resume(ia),
+        ssh_method=ssh_method(),
     )
 
 
@@ -295,6 +341,7 @@ def negative(f: dict[str, Any], auth: str) -> dict[str, Any]:
         bad_file_tag=dict(payload=bytes(bad), reply_line="554 integrity check failed"),
         non_canonical_auth_line=non_canonical(auth),
         non_canonical_receipt_line=non_canonical(f["receipt_line"]),
+        macless_receipt_line=f["receipt_line"].rsplit(" ", 1)[0],
     )
 
 
