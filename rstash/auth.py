@@ -217,6 +217,18 @@ def receipt_mac(k_s2c: bytes, index: int, code: int, final_name: bytes,
     return b64url(_hmac(k_s2c, msg)[:LINE_MAC_LEN])
 
 
+def resume_mac(k_s2c: bytes, index: int, offset: int, prefix: bytes, name: bytes) -> str:
+    """The ``mac=`` of ``350 resume``: the server's offer of the ``offset`` bytes it holds."""
+    msg = b"RESUME\0" + u64(index) + u64(offset) + prefix + s(name)
+    return b64url(_hmac(k_s2c, msg)[:LINE_MAC_LEN])
+
+
+def already_mac(k_s2c: bytes, index: int, final_name: bytes, n: int, digest: bytes) -> str:
+    """The ``mac=`` of ``251 already stored``, apart from every receipt by its label."""
+    msg = b"ALREADY\0" + u64(index) + s(final_name) + u64(n) + digest
+    return b64url(_hmac(k_s2c, msg)[:LINE_MAC_LEN])
+
+
 def done_mac(k_s2c: bytes, count: int, stored: int) -> str:
     return b64url(_hmac(k_s2c, b"DONE\0" + u64(count) + u64(stored))[:LINE_MAC_LEN])
 

@@ -233,8 +233,7 @@ def _check_retention(box: BoxConfig, user: ServiceUser, report: Report) -> None:
         report.add(box.name, "warning", f"cannot list the box for retention: {e.strerror or e}")
         return
     for r in plan[:MAX_LISTED]:
-        report.add(box.name, "info",
-                   f"retention would remove {_word(r.entry.name)} ({human_size(r.entry.size)}, "
+        report.add(box.name, "info", f"retention would remove {_word(r.entry.name)} ({human_size(r.entry.size)}, "
                    f"{human_age(r.age)} old, group {_word(r.group)}: {r.reason})")
     if len(plan) > MAX_LISTED:
         report.add(box.name, "info", f"retention would remove {len(plan) - MAX_LISTED} more files")
@@ -309,27 +308,30 @@ def _check_box_path(box: BoxConfig, user: ServiceUser, report: Report) -> None:
     errors, warnings = box_path_findings(str(box.path), uid)
     for problem in errors:
         if "world-writable" not in problem:  # reported above with the mode
-            report.add(box.name, "error", f"path {box.path}: {problem} (rstash-recv refuses "
-                                          "to serve it)")
+            report.add(box.name, "error", f"path {box.path}: {problem} (rstash-recv refuses to serve it)")
     for problem in warnings:
         report.add(box.name, "warning", f"path {box.path}: {problem}")
 
 
 def _check_temps(box: BoxConfig, cfg: Config, report: Report) -> None:
+    from rstash.partials import PARTIALS_DIR, Partials
     from rstash.store import BoxStore
 
     try:
         # Read-only, no sweep; the path's ownership is _check_box_path's finding.
         with BoxStore(box.path, check_path=False) as store:
             temps = store.stale_temps()
+            expired = Partials(store, "", box.resume_ttl).expired()
     except (RstashError, OSError) as e:
         report.add(box.name, "warning", f"cannot look for stale temp files: {e}")
         return
     for temp, size, age in sorted(temps):
         if age > cfg.idle_timeout:
-            report.add(box.name, "warning",
-                       f"stale temp file {box.path / temp} ({human_size(size)}, "
+            report.add(box.name, "warning", f"stale temp file {box.path / temp} ({human_size(size)}, "
                        f"{human_age(age)} old): a later session's sweep removes it")
+    for part, size, age in sorted(expired):
+        report.add(box.name, "warning", f"expired partial transfer {box.path / PARTIALS_DIR / part}"
+                   f" ({human_size(size)}, {human_age(age)} old): a later session removes it")
 
 
 def _check_key(box: str, path: Path, user: ServiceUser, report: Report) -> None:

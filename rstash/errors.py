@@ -72,6 +72,12 @@ class Reply(IntEnum):
     AUTH_OK = 235
     #: file stored (or, for a dry run, would be stored)
     STORED = 250
+    #: the transfer id was stored before: a re-run, answered without data
+    ALREADY_STORED = 251
+    #: a waited FILE: the server holds a prefix of this transfer
+    RESUME = 350
+    #: a waited FILE: send it from its first byte
+    GO = 354
     #: too many sessions; the client retries later; also sent on idle timeout
     BUSY = 421
     #: the client's ABORT of the current file was honoured
@@ -114,6 +120,8 @@ class Outcome(Enum):
 
     #: the file is durable under its final name
     STORED = (Reply.STORED, "stored", "stored", "stored", Exit.OK)
+    #: a re-run of a transfer stored before (251): counted stored, nothing sent
+    ALREADY_STORED = (Reply.ALREADY_STORED, "already stored", "already", "stored", Exit.OK)
     #: a dry run: the file would have been stored
     WOULD_STORE = (Reply.STORED, "would store", "would_store", "would_store", Exit.OK)
     #: a file of that name exists and overwrite = "refuse" (or no rename was free)
@@ -207,15 +215,15 @@ class Outcome(Enum):
 
 #: The outcomes the delivery log records, one word each (--status, --metrics).
 DELIVERY_OUTCOMES = frozenset(o.log for o in (
-    Outcome.STORED, Outcome.WOULD_STORE, Outcome.EXISTS, Outcome.TOO_LARGE,
-    Outcome.INSUFFICIENT_STORAGE, Outcome.ABORTED, Outcome.UNFINISHED, Outcome.AUTH_FAILED,
-    Outcome.REMOVED))
+    Outcome.STORED, Outcome.ALREADY_STORED, Outcome.WOULD_STORE, Outcome.EXISTS,
+    Outcome.TOO_LARGE, Outcome.INSUFFICIENT_STORAGE, Outcome.ABORTED, Outcome.UNFINISHED,
+    Outcome.AUTH_FAILED, Outcome.REMOVED))
 #: Log outcomes that --status counts as refusals.
 REFUSAL_LOG_OUTCOMES = frozenset({"exists", "refused", "temporary", "error", "auth_failed"})
 
 #: The per-file outcome of each reply code a client can receive in a receipt.
 _FILE_OUTCOMES: dict[int, Outcome] = {}
-for _o in (Outcome.STORED, Outcome.EXISTS, Outcome.TOO_LARGE, Outcome.NAME_NOT_ALLOWED,
+for _o in (Outcome.STORED, Outcome.ALREADY_STORED, Outcome.EXISTS, Outcome.TOO_LARGE, Outcome.NAME_NOT_ALLOWED,
            Outcome.INSUFFICIENT_STORAGE, Outcome.LOCAL_ERROR, Outcome.ABORTED, Outcome.BUSY):
     assert _o.code is not None
     _FILE_OUTCOMES[_o.code] = _o

@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="a file refused as 'exists' counts as success (any file under that name, "
                         "even a different one)")
     p.add_argument("--dry-run", action="store_true", help="ask the server's verdict, send no data")
+    p.add_argument("--no-resume", action="store_true",
+                   help="no transfer id: an interrupted file starts again from zero, a re-run "
+                        "after a lost receipt is refused as 'exists'")
     p.add_argument("--test", action="store_true", help="authenticate and disconnect")
     p.add_argument("--fingerprint", action="store_true", help="print the key's fingerprint and exit")
     p.add_argument("--from-command", action="store_true",

@@ -34,9 +34,12 @@ from .hello import HelloJudge, Verdict
 from .keys import UnusableKeys, load_box_keys, why_auth_failed
 from .log import Logger
 from .names import check_name
+from .partials import CHUNK, Partials
+from .replay import utc
+from .resume import ResumeFiles
 from .sessionlog import FileState, SessionLogging, SessionResult
 from .settings import BoxConfig, Config
-from .sshlogin import SshLogin
+from .sshlogin import UNKNOWN_KEY, SshLogin
 from .transport import FdStream
 
 #: Files whose 250 lines may wait for one shared directory fsync.
@@ -52,13 +55,16 @@ class ServerSession(SessionLogging):
         self.log = log
         self.peer = peer
         self.allowed_boxes = allowed_boxes
-        self.conn = wire.ServerConnection()
+        self.conn = wire.ServerConnection(resume=True, checkpoint_every=CHUNK)
+        self.resume: ResumeFiles | None = None
         self.result = SessionResult()
         self.started = time.monotonic()
         self.preauth_deadline = self.started + cfg.preauth_timeout
         self.box: BoxConfig | None = None
         #: what authorised the session, for logs and --status: the box key or the SSH key
         self.key_name: str | None = None
+        #: whose partials and re-run records this session sees (None: nobody's)
+        self._owner: str | None = None
         self.keys: auth.SessionKeys | None = None
         self.store: Any = None
         self.hooks: Any = None
@@ -113,12 +119,12 @@ class ServerSession(SessionLogging):
             self._try_send(wire.line(outcome.line))
             self.result.status = Exit.REFUSED
         except PeerTimeout as e:
-            self._abort_current()
+            self._abort_current(keep=True)
             self._log_session(Outcome.TIMEOUT, detail=e.message)
             self._try_send(wire.line(Outcome.TIMEOUT.line))
             self.result.status = Exit.REFUSED
         except TransportError as e:
-            self._abort_current()
+            self._abort_current(keep=True)
             self._log_session(Outcome.TRUNCATED, detail=e.message)
             self.result.status = Exit.REFUSED
         finally:
@@ -140,7 +146,7 @@ class ServerSession(SessionLogging):
     def _run(self) -> None:
         self.judge.box_keys = load_box_keys(self.cfg, self.log, self.unusable_keys)
         challenge = secrets.token_bytes(32)
-        greeting = wire.greeting_line(challenge, ssh=self.judge.offers_ssh)
+        greeting = wire.greeting_line(challenge, resume=True, ssh=self.judge.offers_ssh)
         self.send(wire.line(greeting))
         event = self._next()
         if isinstance(event, wire.ConnectionClosed):
@@ -168,6 +174,10 @@ class ServerSession(SessionLogging):
             return False
         box, keys = verdict.box, verdict.keys
         self.box, self.key_name, self.keys = box, verdict.key_name, keys
+        if verdict.key is not None:
+            self._owner = verdict.key.fingerprint
+        elif verdict.login is not None and verdict.login.key_name != UNKNOWN_KEY:
+            self._owner = verdict.login.key_name
         self.result.box = box.name
         self.conn.authenticate(keys)
         if pipe:
@@ -187,7 +197,6 @@ class ServerSession(SessionLogging):
     def _refuse_pipe(self, verdict: Verdict) -> None:
         outcome = verdict.outcome
         assert outcome is not None and self.box is not None
-        from .replay import utc  # sqlite3 with it: never before the greeting
 
         emit = self.log.error if outcome is Outcome.SESSION_ERROR else self.log.warning
         after = None if verdict.floor is None else utc(verdict.floor)
@@ -220,6 +229,14 @@ class ServerSession(SessionLogging):
             self.store.sweep(self.cfg.idle_timeout)
         except (OSError, RstashError):
             pass
+        # Partials and records belong to the key that authenticated: the box key, or under
+        # method ssh the SSH key; an SSH key sshd did not expose gets none (rstash(7)).
+        owner = self._owner
+        partials = Partials(self.store, owner or "", box.resume_ttl if owner else 0.0,
+                            self.cfg.state_dir / "rerun" / box.name)
+        if owner:
+            partials.sweep()
+        self.resume = ResumeFiles(self, partials)
         self.hooks = HookRunner(self.cfg.hook_timeout, self.log)
         while True:
             event = self._next()
@@ -240,7 +257,7 @@ class ServerSession(SessionLogging):
                 self._flush_ended()
                 if event.clean:
                     return
-                self._abort_current()
+                self._abort_current(keep=True)
                 self._log_session(Outcome.TRUNCATED)
                 self.result.status = Exit.REFUSED
                 return
@@ -263,6 +280,10 @@ class ServerSession(SessionLogging):
             self.conn.discard_current()
         self._log_file(st, refused.outcome, reason=refused.reason, detail=refused.detail or None)
         self._reply(st, refused.outcome)
+        if self.conn.state is wire.ServerState.AWAIT_GO:
+            self.conn.finish_waited()
+        if self.resume is not None:
+            self.resume.ended(st)
 
     def _on_file(self, hdr: wire.FileHeader) -> FileState:
         box = self.box
@@ -272,6 +293,8 @@ class ServerSession(SessionLogging):
         problem = check_name(hdr.name, box.allow_names, box.deny_names)
         if problem is not None:
             self._refuse(st, Refused(Outcome.NAME_NOT_ALLOWED, problem))
+            return st
+        if self.resume is not None and self.resume.on_file(st):
             return st
         try:
             upload = self.store.begin(st.name, hdr.size)
@@ -341,11 +364,15 @@ class ServerSession(SessionLogging):
             if isinstance(final, Refused):
                 self._log_file(st, final.outcome, reason=final.reason, detail=final.detail or None)
                 say(st, final.outcome)
+                if self.resume is not None:
+                    self.resume.ended(st)
                 continue
             self.result.stored += 1
             self.result.finals.append(final)
             digest = end.sha256.hex()
             say(st, Outcome.STORED, final_name=final.encode("utf-8"), n=end.n, sha256=end.sha256)
+            if self.resume is not None:
+                self.resume.stored(st, final, end)
             self._log_file(st, Outcome.STORED, bytes_=end.n, sha256=digest, final=final)
             if box.on_receive:
                 self.hooks.submit(box.on_receive, Delivery.of_upload(box, upload, st.name, end, st.header.mtime))
@@ -360,17 +387,22 @@ class ServerSession(SessionLogging):
         if st.upload is not None:
             st.upload.abort()
             st.upload = None
+        if self.resume is not None:
+            self.resume.ended(st)
         if not st.replied:
             self._log_file(st, Outcome.ABORTED)
             self._reply(st, Outcome.ABORTED)
 
-    def _abort_current(self) -> None:
+    def _abort_current(self, *, keep: bool = False) -> None:
+        """``keep``: the session was cut (timeout, EOF), so a partial may be kept."""
         # Verified files are stored: commit them, make their names durable, say so first.
         try:
             self._flush_ended()
         except (RstashError, OSError):
             pass
         st = self._cur
+        if st is not None and self.resume is not None and self.resume.keep(st, keep=keep):
+            st.upload = None
         if st is not None and st.upload is not None:
             try:
                 st.upload.abort()

@@ -119,6 +119,13 @@ def _days(seconds: float | None) -> float | None:
     return None if seconds is None else seconds / 86400
 
 
+def _ttl(value: object) -> float:
+    seconds = parse_duration(value)  # type: ignore[arg-type]  # checks the type itself
+    if seconds < 0:
+        raise ValueError("must be 0 (off) or longer")
+    return seconds
+
+
 def _replay_window(value: object) -> int:
     seconds = parse_duration(value)  # type: ignore[arg-type]  # checks the type itself
     if seconds != int(seconds):
@@ -301,6 +308,7 @@ class BoxPolicy:
     allow_from: tuple[Network, ...] = field(default=(), metadata=meta(array_of(_network),
                                                                       empty="any"))
     pipe_mode: bool = field(default=False, metadata=meta(_boolean))
+    resume_ttl: float = field(default=86400.0, metadata=meta(_ttl))
     auth: str = field(default="key", metadata=meta(_one_of(AUTH_MODES, '"key", "ssh" or "key+ssh"')))
     on_receive: tuple[str, ...] | None = field(default=None, metadata=meta(_on_receive))
     #: retention (rstash.retention): keep the N newest files of each group ...

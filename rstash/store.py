@@ -45,6 +45,7 @@ from rstash.boxpath import open_box_dir
 from rstash.errors import Outcome, Refused, StoreError
 from rstash.fsreserve import FsReservations
 from rstash.names import name_problem
+from rstash.partials import usage as partials_usage
 from rstash.settings import BoxPolicy
 from rstash.upload import UNKNOWN_RESERVE, SizeMismatch, Upload, from_oserror, no_space
 
@@ -400,7 +401,9 @@ def scan_usage(dir_fd: int) -> tuple[int, int]:
                     reserved += outstanding
     except OSError as exc:
         raise from_oserror("scan box", exc) from exc
-    return usage, reserved
+    # Partial transfers kept for resume claim the box too (rstash-recv.toml(5) resume_ttl).
+    kept, outstanding = partials_usage(dir_fd)
+    return usage + kept, reserved + outstanding
 
 
 class _DirLock:

@@ -866,3 +866,18 @@ def test_a_group_writable_box_is_a_check_config_warning(site: Site, run: Run) ->
     _rc, recs = check_json(run)
     assert any("group-writable" in r["message"] and r["box"] == "vm1"
                for r in problems(recs, "warning")), recs
+
+
+def test_an_expired_partial_transfer_is_a_warning_and_a_live_one_is_not(site: Site, run: Run) -> None:
+    good_config(site)
+    parts = site.root / "boxes" / "vm1" / ".rstash-partials"
+    parts.mkdir(mode=0o700)
+    expired = parts / ("a" * 40 + ".70000000.part")
+    expired.write_bytes(b"x" * 10)
+    old = time.time() - 2 * 86400  # resume_ttl defaults to 24 h
+    os.utime(expired, (old, old))
+    (parts / ("b" * 40 + ".70000000.part")).write_bytes(b"live")
+    rc, recs = check_json(run)
+    assert rc == 0
+    [w] = problems(recs, "warning")
+    assert w["box"] == "vm1" and w["message"].startswith(f"expired partial transfer {expired} (10 B")

@@ -305,7 +305,8 @@ def test_files_are_stored_and_json_matches_sha256sum(env: Env, src: Path) -> Non
     lines = json_lines(p)
     assert [r["name"] for r in lines] == ["a.bin", "b.txt", "empty"]
     for rec, path in zip(lines, (a, b, empty), strict=True):
-        assert set(rec) == {"name", "final_name", "status", "code", "bytes", "sha256", "message"}
+        assert set(rec) == {"name", "final_name", "status", "code", "bytes", "sha256", "message",
+                            "already", "resumed_from"}
         assert rec["status"] == "stored" and rec["code"] == 250
         assert rec["final_name"] == path.name
         assert rec["bytes"] == path.stat().st_size

@@ -54,7 +54,7 @@ def test_before_authentication_only_version_and_method_are_told_apart() -> None:
 def test_every_per_file_outcome_is_a_word_of_the_delivery_log() -> None:
     from rstash.errors import DELIVERY_OUTCOMES, REFUSAL_LOG_OUTCOMES
 
-    per_file = [Outcome.STORED, Outcome.WOULD_STORE, Outcome.EXISTS, Outcome.TOO_LARGE,
+    per_file = [Outcome.STORED, Outcome.ALREADY_STORED, Outcome.WOULD_STORE, Outcome.EXISTS, Outcome.TOO_LARGE,
                 Outcome.QUOTA, Outcome.NAME_NOT_ALLOWED, Outcome.INSUFFICIENT_STORAGE,
                 Outcome.LOCAL_ERROR, Outcome.ABORTED, Outcome.UNFINISHED]
     # Besides the per-file outcomes: failed authentication and retention's removals.

@@ -10,6 +10,7 @@ halves are fed the vector bytes and lines.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -197,6 +198,110 @@ def test_non_canonical_lines_decode_to_the_same_mac() -> None:
             auth.b64url_decode(b)
 
 
+# --- resume and re-runs -------------------------------------------------------------
+
+RES = MORE["resume"]
+BIG = INP["resume"]
+
+
+def big_content() -> bytes:
+    # rstash(7): "byte k is k mod 251"
+    return (bytes(range(251)) * (BIG["size"] // 251 + 1))[:BIG["size"]]
+
+
+def resume_hello() -> bytes:
+    return protocol.hello_without_proof(mode=1, box=INP["box"].encode(), key_id=KEY.key_id,
+                                        nonce=bytes.fromhex(INP["nc"]), time=INP["t"])
+
+
+def resume_client() -> ClientConnection:
+    client = ClientConnection(KEY, INP["box"])
+    client.receive_data(wire(RES["greeting"]))
+    assert isinstance(client.next_event(), protocol.Greeting) and client.resume
+    client.hello(bytes.fromhex(INP["nc"]), INP["t"])
+    assert client.keys is not None and client.keys.k_s2c == h("more", "resume", "k_s2c")
+    client.receive_data(wire("235 ok mac=" + auth.auth_mac(client.keys.k_s2c)))
+    assert isinstance(client.next_event(), protocol.AuthOk)
+    return client
+
+
+def test_resume_greeting_keys_and_waited_file_match() -> None:
+    keys = auth.session_keys(KEY, RES["greeting"].encode(), resume_hello())
+    assert keys.k_c2s == h("more", "resume", "k_c2s") and keys.k_s2c == h("more", "resume", "k_s2c")
+    challenge = bytes.fromhex(INP["challenge"])
+    assert protocol.greeting_line(challenge, resume=True) == RES["greeting"]
+    client = resume_client()
+    frames = client.file(BIG["name"].encode(), BIG["size"], MTIME, tid=bytes.fromhex(BIG["tid"]))
+    assert frames[5:] == h("more", "resume", "payload") and client.waits
+
+
+def test_resume_offer_and_whole_file_end_match() -> None:
+    """The "resume" case: 350 under the resume keys, then the rest, judged whole."""
+    content = big_content()
+    offset = BIG["offset"]
+    keys = auth.session_keys(KEY, RES["greeting"].encode(), resume_hello())
+    name = BIG["name"].encode()
+    prefix = hashlib.sha256(content[:offset])
+    assert prefix.digest() == h("more", "resume", "prefix_sha256")
+    assert protocol.resume_line(keys, 0, offset, prefix.digest(), name) == wire(RES["resume_line"])
+    # The server: the vector FILE waits; after 350 it takes the rest only.
+    server = ServerConnection(resume=True)
+    server.receive_data(protocol.frame(protocol.FrameType.HELLO, resume_hello() + keys.proof))
+    assert isinstance(server.next_event(), protocol.Hello)
+    server.authenticate(keys)
+    server.receive_data(protocol.frame(protocol.FrameType.FILE, h("more", "resume", "payload")))
+    assert isinstance(server.next_event(), protocol.File)
+    assert server.state is protocol.ServerState.AWAIT_GO
+    server.go(offset, prefix.copy())
+    # The client: 350 verified, its own prefix accepted, the rest sent.
+    client = resume_client()
+    client.file(name, BIG["size"], MTIME, tid=bytes.fromhex(BIG["tid"]))
+    client.receive_data(wire(RES["resume_line"]))
+    offer = client.next_event()
+    assert isinstance(offer, protocol.ResumeOffer) and offer.offset == offset
+    client.resume_from(offset, prefix.copy())
+    rest = client.data(content[offset:])
+    end = client.end()
+    assert end[5:] == h("more", "resume", "end_payload")
+    server.receive_data(rest + end)
+    events = []
+    while not isinstance(event := server.next_event(), protocol.End):
+        events.append(event)
+    assert event.n == BIG["size"] and event.sha256 == h("more", "resume", "content_sha256")
+    assert protocol.receipt_line(keys, 0, 250, name, n=BIG["size"], sha256=event.sha256) == \
+        wire(RES["receipt_line"])
+    stored = receipt(client, RES["receipt_line"])
+    assert stored.ok and stored.size == BIG["size"]
+
+
+def test_go_and_already_stored_lines_match() -> None:
+    keys = auth.session_keys(KEY, RES["greeting"].encode(), resume_hello())
+    name = BIG["name"].encode()
+    digest = h("more", "resume", "content_sha256")
+    assert protocol.GO_LINE == RES["go_line"]
+    assert protocol.already_line(keys, 0, name, BIG["size"], digest) == wire(RES["already_line"])
+    client = resume_client()
+    client.file(name, BIG["size"], MTIME, tid=bytes.fromhex(BIG["tid"]))
+    event = receipt(client, RES["already_line"])
+    assert event.already and not event.ok and event.sha256 == digest.hex()
+    assert client.state is protocol.ClientState.READY and not client.waits
+    # 251 does not count in 221's STORED.
+    assert client.stored == 0
+
+
+def test_a_tampered_350_is_refused() -> None:
+    client = resume_client()
+    client.file(BIG["name"].encode(), BIG["size"], MTIME, tid=bytes.fromhex(BIG["tid"]))
+    client.receive_data(wire(non_canonical_or_flip(RES["resume_line"])))
+    with pytest.raises(RemoteProtocolError):
+        client.next_event()
+
+
+def non_canonical_or_flip(line: str) -> str:
+    """The line with one digit of its OFFSET changed: its MAC no longer covers it."""
+    return line.replace(f"resume {BIG['offset']} ", f"resume {BIG['offset'] - 1} ")
+
+
 def test_a_receipt_without_mac_is_refused_by_a_client_with_a_key() -> None:
     # "macless_receipt_line": what method ssh sends; a client that sent method 1
     # must never take it for a receipt, whatever the transport.
@@ -271,3 +376,37 @@ def test_a_keyless_client_refuses_a_greeting_without_ssh() -> None:
 def test_a_keyless_client_is_never_a_pipe_client() -> None:
     with pytest.raises(LocalProtocolError, match="pipe mode"):
         ClientConnection(None, INP["box"], pipe=True)
+
+
+def ssh_resume_client() -> ClientConnection:
+    client = ClientConnection(None, INP["box"])
+    client.receive_data(wire(SSH["greeting"] + " resume"))
+    assert isinstance(client.next_event(), protocol.Greeting) and client.resume
+    client.hello(bytes.fromhex(INP["nc"]), INP["t"])
+    client.receive_data(wire(SSH["auth_line"]))
+    assert isinstance(client.next_event(), protocol.AuthOk)
+    client.file(BIG["name"].encode(), BIG["size"], MTIME, tid=bytes.fromhex(BIG["tid"]))
+    return client
+
+
+def test_ssh_method_350_and_251_lines_carry_no_mac() -> None:
+    """rstash(7) CONSTRUCTION 11: under method ssh no server line carries a MAC field."""
+    keys = auth.ssh_session_keys(SSH["greeting"].encode(), bytes.fromhex(SSH["hello_without_proof"]))
+    name, offset = BIG["name"].encode(), BIG["offset"]
+    prefix, digest = h("more", "resume", "prefix_sha256"), h("more", "resume", "content_sha256")
+    offer = RES["resume_line"].rpartition(" mac=")[0]
+    already = RES["already_line"].rpartition(" mac=")[0]
+    assert protocol.resume_line(keys, 0, offset, prefix, name) == wire(offer)
+    assert protocol.already_line(keys, 0, name, BIG["size"], digest) == wire(already)
+    client = ssh_resume_client()
+    client.receive_data(wire(offer))
+    event = client.next_event()
+    assert isinstance(event, protocol.ResumeOffer) and (event.offset, event.prefix) == (offset, prefix)
+    client = ssh_resume_client()
+    done = receipt(client, already)
+    assert done.already and done.sha256 == digest.hex() and client.stored == 0
+    # The same lines with a MAC field are not method ssh's: they end the session.
+    client = ssh_resume_client()
+    client.receive_data(wire(RES["already_line"]))
+    with pytest.raises(RemoteProtocolError):
+        client.next_event()

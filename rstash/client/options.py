@@ -72,6 +72,7 @@ class Options:
     verbose: bool = False
     server_id: str | None = None
     version: bool = False
+    no_resume: bool = False  #: send regular files without a transfer id (no resume, no 251)
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace, command: list[str] | None = None,
@@ -101,7 +102,8 @@ class Options:
             timeout=_pick(ns.timeout, p.timeout, cls.timeout),
             busy_wait=_pick(ns.busy_wait, p.busy_wait, cls.busy_wait),
             bwlimit=_first(bwlimit, p.bwlimit), progress=ns.progress, quiet=ns.quiet,
-            verbose=ns.verbose, server_id=_first(ns.server_id, p.server_id), version=ns.version)
+            verbose=ns.verbose, server_id=_first(ns.server_id, p.server_id), version=ns.version,
+            no_resume=getattr(ns, "no_resume", False))
 
 
 def _first(option: _T | None, profile: _T | None) -> _T | None:

@@ -34,6 +34,7 @@ from ..errors import (
 )
 from ..transport import FdStream, PeerClosed
 from ..units import human_size
+from . import resuming
 from .connect import Connection
 from .options import Options
 from .sources import Source
@@ -91,6 +92,9 @@ class Result:
     bytes: int = 0
     sha256: str | None = None
     message: str = ""
+    already: bool = False  #: a re-run: the server had stored this transfer (251)
+    resumed_from: int = 0  #: bytes the server held from an interrupted session (350)
+    silent: bool = False  #: a FILE given up for a resume that did not match: never reported
 
     def exit_status(self, ignore_existing: bool) -> int:
         if self.status in ("stored", "would_store"):
@@ -117,6 +121,8 @@ class Session:
         self.done: wire.Done | None = None
         self.refused_current = False
         self.got_bytes = False
+        self.offer: wire.ResumeOffer | None = None
+        self.sources: dict[int, Source] = {}  #: by FILE index, for the check of a 251
 
     # -- replies --
 
@@ -138,17 +144,23 @@ class Session:
             self._on_event(ev)
 
     def _on_event(self, ev: wire.ClientEvent) -> None:
-        if isinstance(ev, wire.Receipt):
+        if isinstance(ev, wire.ResumeOffer):
+            self.offer = ev
+        elif isinstance(ev, wire.Receipt):
             res = self.results[ev.index]
             res.code = ev.code
             res.status = outcome_of(ev.code, dry_run=ev.dry_run)
             res.final_name = ev.final_name.decode("utf-8", "replace")
-            if ev.code == Reply.STORED and not ev.dry_run:
+            if (ev.code == Reply.STORED and not ev.dry_run) or ev.already:
                 res.bytes, res.sha256 = ev.size, ev.sha256
             res.message = ev.reason
+            res.already = ev.already
             if self.proto.current_index == ev.index:
                 self.refused_current = True
-            self._report(res)
+            if ev.already:  # stored only once its digest is checked against the file
+                resuming.check_already(self, res, self.sources[ev.index])
+            else:
+                self._report(res)
         elif isinstance(ev, wire.Done):
             self.done = ev
         elif isinstance(ev, wire.SessionRefused):
@@ -227,27 +239,42 @@ class Session:
     def send_all(self, sources: list[Source]) -> int:
         """Send every source; the exit status of the ones that failed on our side."""
         status: int = Exit.OK
-        for index, src in enumerate(sources):
+        for src in sources:
             try:
-                self.send_file(index, src)
+                self.send_file(src)
             except SourceFailed as e:
                 complain(f"{src.label}: {e.message}: nothing stored")
                 status = worst_exit(status, Exit.LOCAL)
         return status
 
-    def send_file(self, index: int, src: Source) -> None:
+    def send_file(self, src: Source, *, offer_ok: bool = True) -> None:
         """The streaming loop: FILE, DATA until the source ends, then END (or ABORT)."""
-        self.results[index] = Result(src.name)
+        index = self.proto.files_sent
+        res = self.results[index] = Result(src.name)
+        self.sources[index] = src
+        self.offer = None
         self.write(self.proto.file(src.name.encode("utf-8"), src.size, src.mtime,
-                                   dry_run=self.opts.dry_run))
+                                   dry_run=self.opts.dry_run, tid=resuming.tid_for(self, src)))
         if self.opts.dry_run:
             return
         self.refused_current = False
+        if self.proto.waits:
+            resuming.first_line(self)
+            if self.proto.state is wire.ClientState.READY:  # 251 or a refusal: no data
+                return
         src.open()
         fd = src.read_fd()
         sent = 0
+        if self.offer is not None:
+            offset = resuming.take_offer(self, res, src, fd, offer_ok=offer_ok)
+            if offset is None:
+                self.send_file(src, offer_ok=False)
+                return
+            sent = offset
         started = time.monotonic()
         bar = self._bar(src)
+        if bar is not None and sent:
+            bar.update(sent)
         try:
             while True:
                 self._pump(0)
@@ -275,15 +302,15 @@ class Session:
                 if bar is not None:
                     bar.update(len(chunk))
                 if self.opts.bwlimit:
-                    ahead = sent / self.opts.bwlimit - (time.monotonic() - started)
+                    ahead = (sent - res.resumed_from) / self.opts.bwlimit - (time.monotonic() - started)
                     if ahead > 0:
                         self._pause(ahead)
             problem = src.failed()
             if problem is None and src.size is not None and sent != src.size:
                 problem = f"file shrank while sending ({sent} of {src.size} bytes)"
             if problem is not None:
-                self.results[index].message = problem
-                self.results[index].status = "error"
+                res.message = problem
+                res.status = "error"
                 self.write(self.proto.abort())
                 raise SourceFailed(problem)
             self.write(self.proto.end())
@@ -344,10 +371,13 @@ class Session:
                 raise TransportError(self.closed_message())
 
     def _report(self, res: Result) -> None:
+        if res.silent:
+            return
         if self.opts.json:
             print(json.dumps({"name": res.name, "final_name": res.final_name, "status": res.status,
                               "code": res.code, "bytes": res.bytes, "sha256": res.sha256,
-                              "message": res.message}), flush=True)
+                              "message": res.message, "already": res.already,
+                              "resumed_from": res.resumed_from}), flush=True)
         # -q is for cron: a file already there under --ignore-existing is as quiet as a stored one.
         if self.opts.quiet and (res.status in ("stored", "would_store")
                                 or (res.status == "exists" and self.opts.ignore_existing)):
@@ -355,6 +385,10 @@ class Session:
         if res.status == "stored":
             final = "" if res.final_name == res.name else f" as {res.final_name}"
             line = f"stored {res.name}{final} {human_size(res.bytes)} sha256:{res.sha256}"
+            if res.already:
+                line += " (already stored)"
+            elif res.resumed_from:
+                line += f" (resumed after {human_size(res.resumed_from)})"
         elif res.status == "would_store":
             line = f"would store {res.name}"
         elif res.status == "exists" and self.opts.ignore_existing:
@@ -399,7 +433,8 @@ def run_interactive(opts: Options, key: auth.Key | None, box: str, conn: Connect
     finally:
         conn.close()
     statuses = [session_status]
-    statuses += [res.exit_status(opts.ignore_existing) for res in sess.results.values()]
+    statuses += [res.exit_status(opts.ignore_existing) for res in sess.results.values()
+                 if not res.silent]
     return worst_exit(*statuses)
 
 

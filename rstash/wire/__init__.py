@@ -22,7 +22,8 @@ random bytes: nonces, times and greetings are arguments.
 from __future__ import annotations
 
 from ..errors import IntegrityError
-from .client import ClientConnection, ClientState, ReplyState
+from .client import ClientConnection
+from .client_table import ClientState, ReplyState
 from .events import (
     Abort,
     AuthOk,
@@ -34,9 +35,11 @@ from .events import (
     End,
     File,
     FileHeader,
+    Go,
     Greeting,
     Hello,
     Receipt,
+    ResumeOffer,
     ServerEvent,
     SessionRefused,
     encode_ext,
@@ -55,16 +58,20 @@ from .frames import (
     MODE_INTERACTIVE,
     MODE_PIPE,
     NEED_DATA,
+    NO_TID,
     PROTOCOL_VERSION,
+    WAIT_SIZE,
     FrameType,
     frame,
 )
 from .replies import (
     ECHO_LIMIT,
+    GO_LINE,
     GREETING_PREFIX,
     MAX_LINE,
     RECEIPT_TEXT,
     SESSION_LINES,
+    already_line,
     auth_ok_line,
     bye_line,
     greeting_line,
@@ -73,6 +80,7 @@ from .replies import (
     pct_decode,
     pct_encode,
     receipt_line,
+    resume_line,
     session_line,
     skew_line,
 )
@@ -83,6 +91,7 @@ __all__ = [
     "EXT_SERVER_ID",
     "FLAG_DRY_RUN",
     "FRAME_LIMITS",
+    "GO_LINE",
     "GREETING_PREFIX",
     "MAX_DATA",
     "MAX_LINE",
@@ -91,10 +100,12 @@ __all__ = [
     "MODE_INTERACTIVE",
     "MODE_PIPE",
     "NEED_DATA",
+    "NO_TID",
     "PROTOCOL_VERSION",
     "RECEIPT_TEXT",
     "SERVER_TRANSITIONS",
     "SESSION_LINES",
+    "WAIT_SIZE",
     "Abort",
     "AuthOk",
     "Bye",
@@ -108,15 +119,18 @@ __all__ = [
     "File",
     "FileHeader",
     "FrameType",
+    "Go",
     "Greeting",
     "Hello",
     "IntegrityError",
     "Receipt",
     "ReplyState",
+    "ResumeOffer",
     "ServerConnection",
     "ServerEvent",
     "ServerState",
     "SessionRefused",
+    "already_line",
     "auth_ok_line",
     "bye_line",
     "encode_ext",
@@ -131,6 +145,7 @@ __all__ = [
     "pct_decode",
     "pct_encode",
     "receipt_line",
+    "resume_line",
     "session_line",
     "skew_line",
 ]

@@ -15,18 +15,19 @@ from __future__ import annotations
 import hashlib
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from enum import Enum
 
 from .. import auth
 from ..errors import LocalProtocolError, RemoteProtocolError, Reply
+from .client_table import REPLY_TRANSITIONS, SEND_TRANSITIONS, ClientState, Pending, ReplyState, Step
 from .events import (
     AuthOk,
     ClientEvent,
     ConnectionClosed,
     Done,
+    Go,
     Greeting,
     Receipt,
+    ResumeOffer,
     SessionRefused,
     encode_file_header,
     hello_without_proof,
@@ -40,113 +41,33 @@ from .frames import (
     MODE_INTERACTIVE,
     MODE_PIPE,
     NEED_DATA,
+    NO_TID,
     FrameType,
     Sentinel,
     data_header,
     frame,
+    is_waited,
     refused_after_error,
 )
 from .replies import (
+    GO_LINE,
     ReceiptFields,
     ReplyLine,
     decode_name,
     greeting_methods,
+    offers_resume,
+    parse_already,
     parse_auth_ok,
     parse_bye,
     parse_greeting,
     parse_line,
     parse_plain_receipt,
     parse_receipt,
+    parse_resume,
     parse_stored,
     quote,
     take_line,
 )
-
-
-class ClientState(Enum):
-    """What the client has sent; CLOSED and ERROR end the whole connection."""
-
-    AWAIT_GREETING = "await-greeting"  # interactive: nothing is sent before the greeting
-    AWAIT_HELLO = "await-hello"  # greeting read (or pipe mode), HELLO not yet made
-    READY = "ready"  # HELLO sent; between files
-    IN_FILE = "in-file"
-    BYE_SENT = "bye-sent"
-    DONE = "done"  # the verified 221 was read
-    CLOSED = "closed"  # the server's stream ended
-    ERROR = "error"
-
-
-class ReplyState(Enum):
-    """Which server line the client expects next."""
-
-    GREETING = "greeting"  # 220, or 421 busy
-    BEFORE_HELLO = "before-hello"  # none (pipe mode: a 220 it never needed)
-    AUTH = "auth"  # 235, or a refusal of the session
-    AUTHENTICATED = "authenticated"  # receipts in FILE order, then 221; or a line ending the session
-    DONE = "done"  # the verified 221 was read: a receipt or 221 now matches nothing
-
-
-class Step(Enum):
-    """What moves the client: a frame it makes, or a line it reads."""
-
-    HELLO = "HELLO"
-    FILE = "FILE"
-    DRY_RUN_FILE = "dry-run FILE"
-    END = "END"
-    ABORT = "ABORT"
-    BYE = "BYE"
-    GREETING = "220"
-    AUTH_OK = "235"
-    BYE_OK = "221"
-
-
-# Theory of operation
-# -------------------
-# The client has two sides, each with its own table, as in h11: what it sends
-# (ClientState) and what it has read (ReplyState). A Step is looked up under each
-# side's current state. It must be listed for the side it belongs to (a frame it
-# makes: ClientState; a line it reads: ReplyState), else the call or the line is
-# refused; where the other table lists it too, that side moves with it.
-#
-# Interactive: the greeting moves both sides (HELLO may be made; no line may come
-# until it is). Pipe mode starts at AWAIT_HELLO / BEFORE_HELLO: its HELLO binds
-# an empty greeting, and a 220 that arrives anyway is reported and ignored.
-# HELLO opens the AUTH side. The client may send FILEs before the 235 arrives
-# (so a pipe-mode session is written without waiting): the 235 moves only the
-# reply side, and receipts are believed only after it. BYE closes the sending
-# side; the verified 221, once every FILE has its receipt, moves it to DONE.
-#
-# Refusals (421, 535, 530…, 554, 500, 451) are reported as SessionRefused and
-# move nothing: the server closes next. End of stream moves the connection to
-# CLOSED. ERROR is entered from any state the moment a call raises (a MAC that
-# fails, a line that is not rstash, a frame the state does not allow); every
-# later call is refused with a LocalProtocolError.
-SEND_TRANSITIONS: dict[ClientState, dict[Step, ClientState]] = {
-    ClientState.AWAIT_GREETING: {Step.GREETING: ClientState.AWAIT_HELLO},
-    ClientState.AWAIT_HELLO: {Step.HELLO: ClientState.READY},
-    ClientState.READY: {Step.FILE: ClientState.IN_FILE, Step.DRY_RUN_FILE: ClientState.READY,
-                        Step.BYE: ClientState.BYE_SENT},
-    ClientState.IN_FILE: {Step.END: ClientState.READY, Step.ABORT: ClientState.READY},
-    ClientState.BYE_SENT: {Step.BYE_OK: ClientState.DONE},
-}
-REPLY_TRANSITIONS: dict[ReplyState, dict[Step, ReplyState]] = {
-    ReplyState.GREETING: {Step.GREETING: ReplyState.BEFORE_HELLO},
-    ReplyState.BEFORE_HELLO: {Step.HELLO: ReplyState.AUTH},
-    ReplyState.AUTH: {Step.AUTH_OK: ReplyState.AUTHENTICATED},
-    ReplyState.AUTHENTICATED: {Step.BYE_OK: ReplyState.DONE},
-}
-
-
-@dataclass
-class _Pending:
-    """A FILE sent and not yet answered; ``n`` and ``digest`` once its END is made."""
-
-    index: int
-    name: bytes
-    hdr: bytes
-    dry_run: bool
-    n: int | None = None
-    digest: bytes | None = None
 
 
 class ClientConnection:
@@ -169,13 +90,17 @@ class ClientConnection:
         self.keys: auth.SessionKeys | None = None
         self._buf = bytearray()
         self._eof = False
-        self._pending: deque[_Pending] = deque()
-        self._current: _Pending | None = None
+        self._pending: deque[Pending] = deque()
+        self._current: Pending | None = None
         self._hash: hashlib._Hash | None = None
         self._sent = 0
+        #: (offset, prefix digest) of the 350 being considered
+        self._offer: tuple[int, bytes] | None = None
         self._size: int | None = None
         self._next_index = 0
         self.greeting: str = ""
+        #: the greeting carried ``resume``: FILEs may carry a tid
+        self.resume = False
         self.stored = 0
         self._on_line: dict[ReplyState, Callable[[ReplyLine], ClientEvent]] = {
             ReplyState.GREETING: self._line_greeting,
@@ -236,13 +161,20 @@ class ClientConnection:
         return self.keys
 
     @refused_after_error
-    def file(self, name: bytes, size: int | None, mtime: int, *, dry_run: bool = False) -> bytes:
-        self._step(Step.DRY_RUN_FILE if dry_run else Step.FILE, ours=True)
+    def file(self, name: bytes, size: int | None, mtime: int, *, dry_run: bool = False,
+             tid: bytes = NO_TID) -> bytes:
+        """A FILE frame; ``tid`` only when the greeting offered resume. A waited FILE
+        (see :attr:`waits`) is followed by nothing until its first line is read."""
+        if tid != NO_TID and (not self.resume or dry_run or len(tid) != len(NO_TID)):
+            raise LocalProtocolError("a tid needs a 16-byte id, a real file and a server offering resume")
+        waited = is_waited(resume=self.resume, tid=tid, size=size, dry_run=dry_run)
+        self._step(Step.DRY_RUN_FILE if dry_run else Step.WAITED_FILE if waited else Step.FILE,
+                   ours=True)
         keys = self._session_keys()
         index = self._next_index
         self._next_index += 1
-        hdr = encode_file_header(index, name, size, mtime, FLAG_DRY_RUN if dry_run else 0)
-        pending = _Pending(index, name, hdr, dry_run)
+        hdr = encode_file_header(index, name, size, mtime, FLAG_DRY_RUN if dry_run else 0, tid)
+        pending = Pending(index, name, hdr, dry_run, waited=waited, size=size, tid=tid)
         self._pending.append(pending)
         if not dry_run:
             self._current = pending
@@ -250,6 +182,26 @@ class ClientConnection:
             self._sent = 0
             self._size = size
         return frame(FrameType.FILE, hdr + auth.file_tag(keys.k_c2s, hdr))
+
+    @property
+    def waits(self) -> bool:
+        """The last FILE waits for its first line: send nothing until it is read."""
+        return self.state is ClientState.WAITING
+
+    @refused_after_error
+    def resume_from(self, offset: int, prefix: hashlib._Hash) -> None:
+        """Accept the 350 offer: ``prefix`` is the SHA-256 state of this file's first
+        ``offset`` bytes, which must equal what the server holds. DATA then carries
+        the rest only, and END covers the whole content."""
+        offer = self._offer
+        if self.state is not ClientState.OFFERED or offer is None:
+            raise LocalProtocolError(f"resume_from() in state {self.state.value}")
+        if offset != offer[0] or prefix.digest() != offer[1]:
+            raise LocalProtocolError("resume_from() with another prefix than the server holds")
+        self._step(Step.RESUME, ours=True)
+        self._hash = prefix
+        self._sent = offset
+        self._offer = None
 
     @refused_after_error
     def data_header(self, chunk_len: int) -> bytes:
@@ -299,6 +251,7 @@ class ClientConnection:
         assert cur is not None
         self._current = None
         self._hash = None
+        self._offer = None
         return frame(FrameType.ABORT, auth.abort_tag(self._session_keys().k_c2s, cur.index))
 
     @refused_after_error
@@ -337,6 +290,7 @@ class ClientConnection:
                 raise RemoteProtocolError("the server does not offer method ssh for this box: "
                                           "give its key (-k) or see rstash-recv(8) SSH")
             self.greeting = r.text
+            self.resume = offers_resume(r.text)
             self._step(Step.GREETING, ours=False)
             return Greeting(r.text, challenge)
         if r.code == Reply.BUSY:
@@ -362,9 +316,9 @@ class ClientConnection:
         return AuthOk()
 
     def _line_authenticated(self, r: ReplyLine) -> ClientEvent:
-        # Lines without a MAC are receipts only under method ssh, which only a
-        # client without a key speaks; with a key they end nothing but the session.
-        fields = parse_receipt(r.rest) if self.key is not None else parse_plain_receipt(r)
+        if r.code in (Reply.GO, Reply.RESUME):
+            return self._interim(r)
+        fields = self._fields(r)
         if r.code == Reply.BYE and self.state is ClientState.BYE_SENT and not self._pending:
             return self._bye_ok(r)
         if r.code == Reply.BYE or (fields is not None and not self._pending):
@@ -372,10 +326,62 @@ class ClientConnection:
         if fields is None:
             # 554, 500, 421 timeout, 451 local error: the session ends here.
             return SessionRefused(r.code, r.text)
+        head = self._pending[0]
+        finished = head.waited and not head.answered
         pending = self._pending.popleft()
         if r.code == Reply.STORED and not pending.dry_run:
-            return self._stored(r, fields, pending)
-        return self._verdict(r, fields, pending)
+            receipt = self._stored(r, fields, pending)
+        elif r.code == Reply.ALREADY_STORED and pending.tid != NO_TID:
+            receipt = self._already(r, fields, pending)
+        else:
+            receipt = self._verdict(r, fields, pending)
+        if finished and receipt.code != Reply.STORED:
+            self._step(Step.FINISHED, ours=False)
+            self._current = None
+            self._hash = None
+        return receipt
+
+    def _fields(self, r: ReplyLine) -> ReceiptFields | None:
+        # Lines without a MAC are receipts only under method ssh, which only a
+        # client without a key speaks; with a key they end nothing but the session.
+        return parse_receipt(r.rest) if self.key is not None else parse_plain_receipt(r)
+
+    def _interim(self, r: ReplyLine) -> ClientEvent:
+        """354 or 350: the first line of the waited FILE at the head of the queue."""
+        head = self._pending[0] if self._pending else None
+        if head is None or not head.waited or head.answered or self.state is not ClientState.WAITING:
+            raise RemoteProtocolError(f"{r.code} line for a FILE that does not wait: {quote(r.text.encode())}")
+        head.answered = True
+        if r.code == Reply.GO:
+            if r.text != GO_LINE:
+                raise RemoteProtocolError(f"malformed 354 line: {quote(r.text.encode())}")
+            self._step(Step.GO, ours=False)
+            return Go(head.index)
+        fields = self._fields(r)
+        if fields is None:
+            raise RemoteProtocolError(f"malformed 350 line: {quote(r.text.encode())}")
+        offset, prefix = parse_resume(r, fields)
+        if head.size is None or not 0 < offset < head.size:
+            raise RemoteProtocolError(f"350 offers {offset} bytes of a {head.size}-byte file")
+        expected = auth.resume_mac(self._session_keys().k_s2c, head.index, offset, prefix, head.name)
+        if self.key is not None and not auth.verify_line_mac(expected, fields.mac):
+            raise RemoteProtocolError(f"350 for file {head.index} failed its MAC")
+        self._step(Step.OFFER, ours=False)
+        self._offer = (offset, prefix)
+        return ResumeOffer(head.index, offset, prefix)
+
+    def _already(self, r: ReplyLine, fields: ReceiptFields, pending: Pending) -> Receipt:
+        """251: MACed over the line's own SIZE and HEX, which the caller compares with its file."""
+        n, hex_digest, name = parse_already(r, fields)
+        if pending.size is None or n != str(pending.size):
+            raise RemoteProtocolError(f"251 for file {pending.index} states another size")
+        final = decode_name(r, name)
+        expected = auth.already_mac(self._session_keys().k_s2c, pending.index, final, pending.size,
+                                    bytes.fromhex(hex_digest))
+        if self.key is not None and not auth.verify_line_mac(expected, fields.mac):
+            raise RemoteProtocolError(f"251 for file {pending.index} failed its MAC")
+        return Receipt(pending.index, r.code, "already stored", pending.name, final, pending.size,
+                       hex_digest, False, already=True)
 
     def _bye_ok(self, r: ReplyLine) -> Done:
         stored, mac = parse_bye(r, macs=self.key is not None)
@@ -387,7 +393,7 @@ class ClientConnection:
         self._step(Step.BYE_OK, ours=False)
         return Done(stored)
 
-    def _stored(self, r: ReplyLine, fields: ReceiptFields, pending: _Pending) -> Receipt:
+    def _stored(self, r: ReplyLine, fields: ReceiptFields, pending: Pending) -> Receipt:
         n, hex_digest, name = parse_stored(r, fields)
         if pending.n is None or pending.digest is None:
             raise RemoteProtocolError(f"malformed receipt: {quote(r.text.encode())}")
@@ -403,7 +409,7 @@ class ClientConnection:
         return Receipt(pending.index, r.code, "stored", pending.name, final, pending.n,
                        pending.digest.hex(), False)
 
-    def _verdict(self, r: ReplyLine, fields: ReceiptFields, pending: _Pending) -> Receipt:
+    def _verdict(self, r: ReplyLine, fields: ReceiptFields, pending: Pending) -> Receipt:
         """A refusal, or a dry run's ``250 would store``: MACed over the requested name."""
         expected = auth.receipt_mac(self._session_keys().k_s2c, pending.index, r.code, pending.name)
         if self.key is not None and not auth.verify_line_mac(expected, fields.mac):

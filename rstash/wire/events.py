@@ -22,6 +22,7 @@ from .frames import (
     METHOD_SSH,
     MODE_INTERACTIVE,
     MODE_PIPE,
+    NO_TID,
     PROTOCOL_VERSION,
     PayloadReader,
 )
@@ -110,6 +111,10 @@ class FileHeader:
     @property
     def dry_run(self) -> bool:
         return bool(self.flags & FLAG_DRY_RUN)
+
+    @property
+    def has_tid(self) -> bool:
+        return self.tid != NO_TID
 
 
 def encode_file_header(index: int, name: bytes, size: int | None, mtime: int, flags: int = 0,
@@ -207,8 +212,29 @@ class AuthOk:
 
 
 @dataclass(frozen=True)
+class Go:
+    """``354 go``: send waited FILE ``index`` from its first byte."""
+
+    index: int
+
+
+@dataclass(frozen=True)
+class ResumeOffer:
+    """A ``350 resume`` whose MAC verified: the server holds ``offset`` bytes of
+    FILE ``index`` whose SHA-256 is ``prefix``. The caller compares them with its
+    file and then calls ``resume()`` or ``abort()``."""
+
+    index: int
+    offset: int
+    prefix: bytes
+
+
+@dataclass(frozen=True)
 class Receipt:
-    """A verified reply to FILE ``index``. ``final_name`` is what the box holds."""
+    """A verified reply to FILE ``index``. ``final_name`` is what the box holds.
+
+    ``already``: a ``251`` line; its ``sha256`` is the server's, which the caller
+    compares with its own file before it counts the file stored."""
 
     index: int
     code: int
@@ -218,6 +244,7 @@ class Receipt:
     size: int
     sha256: str
     dry_run: bool
+    already: bool = False
 
     @property
     def ok(self) -> bool:
@@ -240,4 +267,4 @@ class SessionRefused:
     text: str
 
 
-ClientEvent = Greeting | AuthOk | Receipt | Done | SessionRefused | ConnectionClosed
+ClientEvent = Greeting | AuthOk | Go | ResumeOffer | Receipt | Done | SessionRefused | ConnectionClosed

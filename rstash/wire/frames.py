@@ -29,6 +29,18 @@ MODE_INTERACTIVE = 1
 MODE_PIPE = 2
 FLAG_DRY_RUN = 1
 EXT_SERVER_ID = 1
+#: A FILE's tid when it has none.
+NO_TID = bytes(16)
+#: A FILE with a tid of at least this size waits for its first line (rstash(7)
+#: RESUME AND RE-RUNS): below it a round trip costs more than a resume saves.
+WAIT_SIZE = 1 << 26
+#: The greeting field of a server that keeps interrupted transfers.
+GREETING_RESUME = "resume"
+
+
+def is_waited(*, resume: bool, tid: bytes, size: int | None, dry_run: bool) -> bool:
+    """Whether a FILE waits for its first line: one rule, for both roles."""
+    return resume and tid != NO_TID and not dry_run and size is not None and size >= WAIT_SIZE
 #: The largest DATA payload: 1 MiB.
 MAX_DATA = 1 << 20
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from .. import auth
 from ..errors import LocalProtocolError, RemoteProtocolError, Reply
+from .frames import GREETING_RESUME
 
 #: The longest reply line, CRLF included.
 MAX_LINE = 1024
@@ -90,9 +91,10 @@ def line(text: str) -> bytes:
     return data
 
 
-def greeting_line(challenge: bytes, *, ssh: bool = False) -> str:
+def greeting_line(challenge: bytes, *, resume: bool = False, ssh: bool = False) -> str:
     """The greeting's text (the transcript hash binds it without its CRLF)."""
-    return (SSH_GREETING_PREFIX if ssh else GREETING_PREFIX) + auth.b64url(challenge)
+    prefix = SSH_GREETING_PREFIX if ssh else GREETING_PREFIX
+    return prefix + auth.b64url(challenge) + (" " + GREETING_RESUME if resume else "")
 
 
 def _mac(keys: auth.SessionKeys, mac: str) -> str:
@@ -120,6 +122,22 @@ def receipt_line(keys: auth.SessionKeys, index: int, code: int, name: bytes, *,
     return line(f"{code} {text} {pct_encode(name[:ECHO_LIMIT])}{_mac(keys, mac)}")
 
 
+def resume_line(keys: auth.SessionKeys, index: int, offset: int, prefix: bytes, name: bytes) -> bytes:
+    """The offer of a kept prefix to a waited FILE (rstash(7) RESUME AND RE-RUNS)."""
+    mac = auth.resume_mac(keys.k_s2c, index, offset, prefix, name)
+    return line(f"{Reply.RESUME} resume {offset} sha256:{prefix.hex()} {pct_encode(name)}{_mac(keys, mac)}")
+
+
+#: A waited FILE is sent from its first byte. No MAC: forging it only costs the transfer.
+GO_LINE = "354 go"
+
+
+def already_line(keys: auth.SessionKeys, index: int, final_name: bytes, n: int, sha256: bytes) -> bytes:
+    mac = auth.already_mac(keys.k_s2c, index, final_name, n, sha256)
+    return line(f"{Reply.ALREADY_STORED} already stored {n} sha256:{sha256.hex()} "
+                f"{pct_encode(final_name)}{_mac(keys, mac)}")
+
+
 def integrity_line(name: bytes) -> bytes:
     return line(f"{Reply.INTEGRITY} integrity check failed {pct_encode(name[:ECHO_LIMIT])}".rstrip())
 
@@ -144,8 +162,11 @@ _RECEIPT_RE = re.compile(r"(?P<text>.*?) ?(?P<name>[^ ]*) mac=(?P<mac>[A-Za-z0-9
 _PLAIN_RECEIPT_RE = re.compile(r"(?P<text>[^ ]+(?: [^ ]+)*?) (?P<name>[^ ]*)\Z")
 #: Per-file codes; a method-ssh line with another code, or with a session line's
 #: exact text (``451 local error``), ends the session.
-_PER_FILE_CODES = frozenset({Reply.STORED, *RECEIPT_TEXT, Reply.TOO_LARGE})
+_PER_FILE_CODES = frozenset({Reply.STORED, Reply.ALREADY_STORED, Reply.RESUME, *RECEIPT_TEXT,
+                             Reply.TOO_LARGE})
 _STORED_RE = re.compile(r"stored (?P<n>[0-9]{1,20}) sha256:(?P<hex>[0-9a-f]{64}) (?P<name>[^ ]+)\Z")
+_ALREADY_RE = re.compile(r"already " + _STORED_RE.pattern)
+_RESUME_RE = re.compile(r"resume (?P<n>[0-9]{1,20}) sha256:(?P<hex>[0-9a-f]{64}) (?P<name>[^ ]*)\Z")
 
 
 def quote(raw: bytes) -> str:
@@ -209,6 +230,12 @@ def parse_greeting(text: str) -> bytes:
     return challenge
 
 
+def offers_resume(text: str) -> bool:
+    """The greeting carries the field ``resume`` (the last of equal names counts)."""
+    fields = dict(w.partition("=")[::2] for w in text.split(" ")[2:])
+    return fields.get(GREETING_RESUME) == ""
+
+
 def parse_auth_ok(rest: str) -> str:
     """The MAC of a ``235 ok mac=…`` line (compared, not trusted, by the caller)."""
     return rest.removeprefix("ok mac=")
@@ -255,6 +282,22 @@ def parse_stored(r: ReplyLine, f: ReceiptFields) -> tuple[str, str, str]:
     if sm is None:
         raise RemoteProtocolError(f"malformed receipt: {quote(r.text.encode())}")
     return sm["n"], sm["hex"], sm["name"]
+
+
+def parse_already(r: ReplyLine, f: ReceiptFields) -> tuple[str, str, str]:
+    """SIZE, HEX and the encoded final name of ``251 already stored …``."""
+    sm = _ALREADY_RE.match(f.text + " " + f.name)
+    if sm is None:
+        raise RemoteProtocolError(f"malformed 251 line: {quote(r.text.encode())}")
+    return sm["n"], sm["hex"], sm["name"]
+
+
+def parse_resume(r: ReplyLine, f: ReceiptFields) -> tuple[int, bytes]:
+    """OFFSET and the prefix digest of ``350 resume …`` (the MAC is the caller's)."""
+    sm = _RESUME_RE.match(f.text + " " + f.name)
+    if sm is None:
+        raise RemoteProtocolError(f"malformed 350 line: {quote(r.text.encode())}")
+    return int(sm["n"]), bytes.fromhex(sm["hex"])
 
 
 def decode_name(r: ReplyLine, name: str) -> bytes:

@@ -28,13 +28,24 @@ from .events import (
     parse_file_header,
     parse_hello,
 )
-from .frames import FLAG_DRY_RUN, FRAME_LIMITS, HEADER, NEED_DATA, FrameType, Rope, Sentinel, refused_after_error
+from .frames import (
+    FLAG_DRY_RUN,
+    FRAME_LIMITS,
+    HEADER,
+    NEED_DATA,
+    FrameType,
+    Rope,
+    Sentinel,
+    is_waited,
+    refused_after_error,
+)
 
 
 class ServerState(Enum):
     AWAIT_HELLO = "await-hello"
     AWAIT_AUTH = "await-auth"  # the application is judging the HELLO
     READY = "ready"
+    AWAIT_GO = "await-go"  # a waited FILE: the application answers before more frames
     IN_FILE = "in-file"
     DONE = "done"  # a verified BYE was read
     CLOSED = "closed"
@@ -48,6 +59,12 @@ class Judged(Enum):
     AUTHENTICATED = "authenticated"
     #: a FILE with the dry-run flag: no DATA or END follows it
     DRY_RUN_FILE = "dry-run FILE"
+    #: a FILE that waits for its first line (rstash(7) RESUME AND RE-RUNS)
+    WAITED_FILE = "waited FILE"
+    #: the application sent 354 or 350 (``go()``): DATA follows
+    GO = "354/350 sent"
+    #: the application sent 251 or a refusal to a waited FILE (``finish_waited()``)
+    FINISHED = "251/refusal sent"
 
 
 # Theory of operation
@@ -58,6 +75,11 @@ class Judged(Enum):
 # peer that has not proved the key learns nothing from the code). A frame that
 # is allowed moves the state only after it has been parsed and its tag verified,
 # so a frame that fails leaves no trace but the ERROR state.
+#
+# A waited FILE (a tid, 64 MiB or more, in a session that offered resume) moves
+# to AWAIT_GO, which admits no frame: the client waits for the application's
+# answer, ``go()`` (354 or 350: DATA follows, from the offset the server holds)
+# or ``finish_waited()`` (251 or a refusal: nothing follows).
 #
 # After HELLO the server waits in AWAIT_AUTH, reading nothing, until the
 # application has judged the proof and called ``authenticate()``. DATA keeps a
@@ -72,7 +94,8 @@ SERVER_TRANSITIONS: dict[ServerState, dict[FrameType | Judged, ServerState]] = {
     ServerState.AWAIT_HELLO: {FrameType.HELLO: ServerState.AWAIT_AUTH},
     ServerState.AWAIT_AUTH: {Judged.AUTHENTICATED: ServerState.READY},
     ServerState.READY: {FrameType.FILE: ServerState.IN_FILE, Judged.DRY_RUN_FILE: ServerState.READY,
-                        FrameType.BYE: ServerState.DONE},
+                        Judged.WAITED_FILE: ServerState.AWAIT_GO, FrameType.BYE: ServerState.DONE},
+    ServerState.AWAIT_GO: {Judged.GO: ServerState.IN_FILE, Judged.FINISHED: ServerState.READY},
     ServerState.IN_FILE: {FrameType.DATA: ServerState.IN_FILE, FrameType.END: ServerState.READY,
                           FrameType.ABORT: ServerState.READY},
     ServerState.DONE: {},
@@ -82,7 +105,15 @@ SERVER_TRANSITIONS: dict[ServerState, dict[FrameType | Judged, ServerState]] = {
 class ServerConnection:
     """The server's half: fed bytes (``b""`` = end of stream), asked for events."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, resume: bool = False, checkpoint_every: int = 0) -> None:
+        """``resume``: the greeting offered it, so FILEs with a tid of WAIT_SIZE or more
+        wait. ``checkpoint_every``: for a file with a tid, remember the SHA-256 of the
+        content at each multiple of this many bytes (``checkpoint``)."""
+        self.resume = resume
+        self.checkpoint_every = checkpoint_every
+        #: (offset, SHA-256 of the first offset bytes) of the current file, at its
+        #: last multiple of ``checkpoint_every``
+        self.checkpoint: tuple[int, bytes] | None = None
         self.state = ServerState.AWAIT_HELLO
         self._buf = Rope()
         self._eof = False
@@ -137,6 +168,33 @@ class ServerConnection:
         self.state = target
 
     @refused_after_error
+    def go(self, offset: int = 0, prefix: hashlib._Hash | None = None) -> None:
+        """A waited FILE was answered with 354 (``offset`` 0) or 350: DATA follows.
+
+        ``prefix`` holds the SHA-256 state of the ``offset`` bytes the server kept,
+        so the END is judged over the whole content."""
+        target = self._allowed().get(Judged.GO)
+        cur = self._current
+        if target is None or cur is None:
+            raise LocalProtocolError(f"go() in state {self.state.value}")
+        if (offset == 0) != (prefix is None) or (cur.size is not None and offset >= cur.size):
+            raise LocalProtocolError(f"go() at offset {offset} of {cur.size}")
+        self._hash = prefix or hashlib.sha256()
+        self._received = offset
+        self.checkpoint = None if offset == 0 else (offset, self._hash.copy().digest())
+        self.state = target
+
+    @refused_after_error
+    def finish_waited(self) -> None:
+        """A waited FILE was answered with 251 or a refusal: no frame of it follows."""
+        target = self._allowed().get(Judged.FINISHED)
+        if target is None:
+            raise LocalProtocolError(f"finish_waited() in state {self.state.value}")
+        self._current = None
+        self._hash = None
+        self.state = target
+
+    @refused_after_error
     def discard_current(self) -> None:
         """The current file was refused: stop hashing its data; its END is not judged."""
         self._hash = None
@@ -147,6 +205,8 @@ class ServerConnection:
     def next_event(self) -> ServerEvent | Sentinel:
         if self.state is ServerState.AWAIT_AUTH:
             raise LocalProtocolError("next_event() before the HELLO was judged")
+        if self.state is ServerState.AWAIT_GO:
+            raise LocalProtocolError("next_event() before the waited FILE was answered")
         if self.state is ServerState.CLOSED:
             raise LocalProtocolError("next_event() after end of stream")
         if self._data_left:
@@ -166,9 +226,14 @@ class ServerConnection:
         event = self._dispatch(kind, payload)
         if isinstance(event, File) and event.header.dry_run:
             self.state = self._allowed()[Judged.DRY_RUN_FILE]
+        elif isinstance(event, File) and self._waited(event.header):
+            self.state = self._allowed()[Judged.WAITED_FILE]
         else:
             self.state = self._allowed()[kind]
         return event
+
+    def _waited(self, h: FileHeader) -> bool:
+        return is_waited(resume=self.resume, tid=h.tid, size=h.size, dry_run=h.dry_run)
 
     def _maybe_eof(self) -> ConnectionClosed | Sentinel:
         if not self._eof:
@@ -201,10 +266,27 @@ class ServerConnection:
         if size is not None and self._received + n > size:
             raise RemoteProtocolError("more data than the announced size")
         self._data_left -= n
-        self._received += n
         if self._hash is not None:
-            self._hash.update(chunk)
+            self._hash_chunk(chunk)
+        self._received += n
         return Data(chunk)
+
+    def _hash_chunk(self, chunk: bytes | memoryview) -> None:
+        assert self._hash is not None and self._current is not None
+        every = self.checkpoint_every
+        if not every or not self._current.has_tid:
+            self._hash.update(chunk)
+            return
+        pos = self._received
+        while chunk:
+            # Split at each multiple of ``every``: its digest is what a later
+            # session offers (350) without reading the kept bytes again.
+            take = min(len(chunk), every - pos % every)
+            self._hash.update(chunk[:take])
+            pos += take
+            chunk = chunk[take:]
+            if pos % every == 0:
+                self.checkpoint = (pos, self._hash.copy().digest())
 
     def _dispatch(self, kind: FrameType, payload: bytes) -> ServerEvent:
         if kind is FrameType.HELLO:
@@ -239,6 +321,7 @@ class ServerConnection:
             self._current = header
             self._hash = hashlib.sha256()
             self._received = 0
+            self.checkpoint = None
         return File(header)
 
     def _on_end(self, keys: auth.SessionKeys, payload: bytes) -> End:

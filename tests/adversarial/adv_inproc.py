@@ -98,7 +98,7 @@ def fixed_challenge(challenge: bytes) -> Iterator[str]:
     """Every session greets with ``challenge``; yields the greeting line without its CR LF."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(session, "secrets", _FixedSecrets(challenge))
-        yield wire.greeting_line(challenge)
+        yield wire.greeting_line(challenge, resume=True)
 
 
 def reply_lines(out: bytes) -> list[bytes]:

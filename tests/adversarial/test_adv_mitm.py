@@ -307,11 +307,13 @@ def test_an_active_attacker_is_detected_and_never_a_false_success(
     frames, lines = attacks(big, "big.bin")[name]
     proxy = Proxy(port, frames, lines)
     try:
-        first = site.send(box, proxy.port, f1, f2, args=["--timeout", "8"], name="first")
+        # --no-resume: the second session must send its data again for the attack to act on.
+        first = site.send(box, proxy.port, f1, f2, args=["--timeout", "8", "--no-resume"], name="first")
         assert first.wait(30) == 0, first.describe()  # session 1 is clean: the material
         for n in ("big.bin", "small.bin"):
             (box.path / n).unlink()
-        second = site.send(box, proxy.port, f1, f2, args=["--timeout", "8"], name="second")
+        second = site.send(box, proxy.port, f1, f2, args=["--timeout", "8", "--no-resume"],
+                           name="second")
         rc = second.wait(40)
     finally:
         proxy.close()

@@ -45,6 +45,14 @@ without CRLF, integers are JSON numbers):
     server_id       HELLO (mode 1, G = the greeting) carrying ext tag 1 =
                     inputs.server_id: ext, hello_without_proof, th, proof,
                     k_c2s, k_s2c, auth_line
+    resume          a session whose greeting carries "resume" (G =
+                    greeting), same Nc and t: k_c2s, k_s2c; the waited FILE
+                    i=0 of inputs.resume (hdr, payload); go_line; the 350
+                    line offering inputs.resume.offset bytes (prefix_sha256,
+                    resume_line); content_sha256 (D of the whole content),
+                    end_payload (n = size) and receipt_line (250); then a
+                    re-run's FILE i=0 in a session with the same keys
+                    answered by already_line (251)
     ssh_method      method 0 (ssh), mode 1, G = the greeting offering
                     "hmac-sha256,ssh": greeting, hello_without_proof (key_id
                     8 zero bytes), th, hello_payload (proof 32 zero bytes),
@@ -117,6 +125,10 @@ STREAM_NAME = "db.sql.gz"
 SERVER_ID = "backup.example"
 UNKNOWN = 2**64 - 1
 GREETING = "220 rstash/1 methods=hmac-sha256 challenge=" + b64url(CHALLENGE)
+GREETING_RESUME = GREETING + " resume"
+# The resumable file: 64 MiB (the smallest waited size), byte k is k mod 251.
+BIG_NAME, BIG_SIZE, BIG_OFFSET = "backup.tar", 2**26, 2**25
+BIG_TID = bytes(range(0x60, 0x70))
 
 PRK = mac(b"rstash/1", K)
 
@@ -282,7 +294,43 @@ def more(ia: dict[str, bytes], f: dict[str, Any]) -> dict[str, Any]:
             k_s2c=sid["k_s2c"],
             auth_line="235 ok mac=" + b64url(mac(sid["k_s2c"], b"AUTH\0")[:16]),
         ),
+        resume=resume(ia),
         ssh_method=ssh_method(),
+    )
+
+
+def big_content() -> bytes:
+    block = bytes(range(251))
+    return (block * (BIG_SIZE // 251 + 1))[:BIG_SIZE]
+
+
+def resume(ia: dict[str, bytes]) -> dict[str, Any]:
+    rs = handshake(1, GREETING_RESUME)
+    k_c2s, k_s2c = rs["k_c2s"], rs["k_s2c"]
+    content = big_content()
+    hdr = (u64(0) + s(BIG_NAME.encode()) + u64(BIG_SIZE) + struct.pack(">q", MTIME) + bytes([0])
+           + BIG_TID + u64(0))
+    prefix = hashlib.sha256(content[:BIG_OFFSET]).digest()
+    d = hashlib.sha256(content).digest()
+    offer = b64url(mac(k_s2c, b"RESUME\0" + u64(0) + u64(BIG_OFFSET) + prefix
+                       + s(BIG_NAME.encode()))[:16])
+    end = mac(k_c2s, b"END\0" + hashlib.sha256(hdr).digest() + u64(BIG_SIZE) + d)
+    rm = receipt(k_s2c, 0, 250, BIG_NAME, BIG_SIZE, d)
+    already = b64url(mac(k_s2c, b"ALREADY\0" + u64(0) + s(BIG_NAME.encode()) + u64(BIG_SIZE)
+                         + d)[:16])
+    return dict(
+        greeting=GREETING_RESUME,
+        k_c2s=k_c2s,
+        k_s2c=k_s2c,
+        hdr=hdr,
+        payload=hdr + mac(k_c2s, b"FILE\0" + hdr),
+        go_line="354 go",
+        prefix_sha256=prefix,
+        resume_line=f"350 resume {BIG_OFFSET} sha256:{prefix.hex()} {pct(BIG_NAME)} mac={offer}",
+        content_sha256=d,
+        end_payload=u64(BIG_SIZE) + end,
+        receipt_line=f"250 stored {BIG_SIZE} sha256:{d.hex()} {pct(BIG_NAME)} mac={rm}",
+        already_line=f"251 already stored {BIG_SIZE} sha256:{d.hex()} {pct(BIG_NAME)} mac={already}",
     )
 
 
@@ -344,6 +392,13 @@ def build() -> Any:
                 "utf8_name": UTF8_NAME,
                 "stream_name": STREAM_NAME,
                 "server_id": SERVER_ID,
+                "resume": {
+                    "name": BIG_NAME,
+                    "size": BIG_SIZE,
+                    "tid": BIG_TID,
+                    "offset": BIG_OFFSET,
+                    "content": "byte k is k mod 251",
+                },
             },
             "key_file_line": f"rstash-key-v1 {K.hex()} # {COMMENT}",
             "fingerprint": fp,
