@@ -206,7 +206,8 @@ BIG = INP["resume"]
 
 def big_content() -> bytes:
     # rstash(7): "byte k is k mod 251"
-    return (bytes(range(251)) * (BIG["size"] // 251 + 1))[:BIG["size"]]
+    size = int(BIG["size"])
+    return (bytes(range(251)) * (size // 251 + 1))[:size]
 
 
 def resume_hello() -> bytes:

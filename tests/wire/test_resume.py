@@ -5,11 +5,11 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-from wire_support import CHALLENGE, CONTENT, KEY, MTIME, NONCE, T, run_server
 
 from rstash import auth, wire
 from rstash.errors import LocalProtocolError, RemoteProtocolError, Reply
 from rstash.wire import ClientConnection, ClientState, File, ServerConnection, ServerState
+from wire.wire_support import CHALLENGE, CONTENT, KEY, MTIME, NONCE, T, run_server
 
 GREETING_R = wire.greeting_line(CHALLENGE, resume=True)
 TID = bytes(range(1, 17))
