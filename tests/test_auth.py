@@ -658,3 +658,9 @@ def test_session_keys_repr_shows_the_transcript_hash_only() -> None:
 def test_parse_key_text_keeps_the_comment_whole() -> None:
     key = auth.parse_key_text(f"rstash-key-v1 {HEX} # backup of VM-BOX\n")
     assert key.comment == "backup of VM-BOX"
+
+
+def test_parse_key_text_trims_blanks_around_the_comment() -> None:
+    key = auth.parse_key_text(f"rstash-key-v1 {HEX} #   vm1 nightly  \n")
+    assert key.comment == "vm1 nightly"
+    assert key.describe().endswith(" vm1 nightly (rstash-hmac)")

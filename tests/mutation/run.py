@@ -52,7 +52,7 @@ TARGETS: dict[str, Target] = {
         ),
         ("tests/wire",),
     ),
-    "store": Target(("rstash/store.py", "rstash/upload.py"), ("tests/test_store.py", "tests/test_upload.py")),
+    "store": Target(("rstash/store.py", "rstash/upload.py"), ("tests/test_store*.py", "tests/test_upload*.py")),
 }
 
 MAX_CHILDREN = os.environ.get("RSTASH_MUTATION_CHILDREN", "2")
@@ -65,7 +65,8 @@ def equivalent_names() -> set[str]:
 
 
 def existing_tests(target: Target) -> list[str]:
-    return [t for t in target.tests if (ROOT / t).exists()]
+    """The target's test files and directories (patterns expanded), as paths from the root."""
+    return sorted({str(p.relative_to(ROOT)) for t in target.tests for p in ROOT.glob(t)})
 
 
 def prepare(name: str, target: Target) -> Path:
