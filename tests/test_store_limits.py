@@ -339,29 +339,30 @@ def test_sweep_leaves_a_planted_fifo_alone_without_blocking(box: Path) -> None:
 
 
 @pytest.fixture
-def swap_after_lock(box: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Callable[[], None]]]:
-    """Run ``hook["swap"]`` right after the sweep has locked a temp (a race made certain)."""
-    hook: dict[str, Callable[[], None]] = {"swap": lambda: None}
+def swap_after_lock(box: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Callable[[int], None]]]:
+    """Run ``hook["swap"](fd)`` once, right after the sweep has locked the temp open as
+    ``fd`` (a race made certain)."""
+    hook: dict[str, Callable[[int], None]] = {"swap": lambda fd: None}
     real_flock = fcntl.flock
 
     def flock(fd: int, op: int) -> None:
         real_flock(fd, op)
         if op & fcntl.LOCK_NB:
-            hook["swap"]()
-            hook["swap"] = lambda: None
+            swap, hook["swap"] = hook["swap"], lambda fd: None
+            swap(fd)
 
     monkeypatch.setattr(fcntl, "flock", flock)
     yield hook
 
 
 def test_sweep_never_removes_an_entry_swapped_in_after_it_looked(
-    box: Path, swap_after_lock: dict[str, Callable[[], None]]
+    box: Path, swap_after_lock: dict[str, Callable[[int], None]]
 ) -> None:
     name = plant_temp(box, "100", age=3600)
     newcomer = box / "newcomer"
     newcomer.write_bytes(b"someone else's file")
 
-    def swap() -> None:
+    def swap(_fd: int) -> None:
         os.rename(newcomer, box / name)
 
     swap_after_lock["swap"] = swap
@@ -371,12 +372,12 @@ def test_sweep_never_removes_an_entry_swapped_in_after_it_looked(
 
 
 def test_sweep_never_removes_a_symlink_swapped_in_for_the_temp(
-    box: Path, tmp_path: Path, swap_after_lock: dict[str, Callable[[], None]]
+    box: Path, tmp_path: Path, swap_after_lock: dict[str, Callable[[int], None]]
 ) -> None:
     name = plant_temp(box, "100", age=3600)
     moved = tmp_path / "moved"
 
-    def swap() -> None:
+    def swap(_fd: int) -> None:
         # The same inode, now reached through a symlink at the temp's name.
         os.rename(box / name, moved)
         (box / name).symlink_to(moved)
@@ -389,14 +390,21 @@ def test_sweep_never_removes_a_symlink_swapped_in_for_the_temp(
 
 
 def test_sweep_survives_a_temp_removed_after_it_looked(
-    box: Path, swap_after_lock: dict[str, Callable[[], None]]
+    box: Path, swap_after_lock: dict[str, Callable[[int], None]]
 ) -> None:
-    name = plant_temp(box, "100", age=3600)
-    other = plant_temp(box, "100", age=3600)
-    swap_after_lock["swap"] = lambda: os.unlink(box / name)
+    names = [plant_temp(box, "100", age=3600) for _ in range(5)]
+    vanished: list[str] = []
+
+    def remove(fd: int) -> None:
+        locked = os.fstat(fd)
+        [name] = [n for n in names if os.path.samestat(os.stat(box / n), locked)]
+        os.unlink(box / name)
+        vanished.append(name)
+
+    swap_after_lock["swap"] = remove
     with BoxStore(box) as s:
         removed = s.sweep(older_than=60)
-    assert set(removed) <= {name, other}
+    assert sorted(removed) == sorted(set(names) - set(vanished))
     assert os.listdir(box) == []
 
 
@@ -421,3 +429,155 @@ def test_stale_temps_skips_what_is_not_a_regular_temp(box: Path) -> None:
     (box / temp_name("2")).symlink_to(box / name)
     with BoxStore(box) as s:
         assert [found for found, _size, _age in s.stale_temps()] == [name]
+
+
+def test_sweep_goes_on_after_an_entry_swapped_in_after_it_looked(
+    box: Path, swap_after_lock: dict[str, Callable[[int], None]]
+) -> None:
+    names = [plant_temp(box, "100", age=3600) for _ in range(5)]
+    newcomer = box / "newcomer"
+    newcomer.write_bytes(b"someone else's file")
+    swapped: list[str] = []
+
+    def swap(fd: int) -> None:
+        locked = os.fstat(fd)
+        [name] = [n for n in names if os.path.samestat(os.stat(box / n), locked)]
+        os.rename(newcomer, box / name)
+        swapped.append(name)
+
+    swap_after_lock["swap"] = swap
+    with BoxStore(box) as s:
+        removed = s.sweep(older_than=60)
+    assert len(swapped) == 1
+    assert sorted(removed) == sorted(set(names) - set(swapped))
+    assert os.listdir(box) == swapped
+
+
+def test_sweep_goes_on_after_a_temp_it_cannot_unlink(box: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    names = [plant_temp(box, "100", age=3600) for _ in range(5)]
+    real_unlink = os.unlink
+    refused: list[str] = []
+
+    def unlink(name: Any, *args: Any, **kwargs: Any) -> None:
+        if not refused:
+            refused.append(str(name))
+            raise OSError(errno.EACCES, "Permission denied")
+        real_unlink(name, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    with BoxStore(box) as s:
+        removed = s.sweep(older_than=60)
+    assert sorted(removed) == sorted(set(names) - set(refused))
+    assert os.listdir(box) == refused
+
+
+def test_sweep_keeps_a_temp_exactly_as_old_as_the_limit(box: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    now = 2_000_000_000
+    at_limit = plant_temp(box, "1")
+    older = plant_temp(box, "1")
+    os.utime(box / at_limit, ns=((now - 60) * 10**9, (now - 60) * 10**9))
+    os.utime(box / older, ns=((now - 61) * 10**9, (now - 61) * 10**9))
+    monkeypatch.setattr(time, "time", lambda: float(now))
+    with BoxStore(box) as s:
+        assert s.sweep(older_than=60) == [older]
+    assert os.listdir(box) == [at_limit]
+
+
+def test_stale_temps_reports_a_temp_from_the_future_as_age_zero(box: Path) -> None:
+    name = plant_temp(box, "1")
+    future = time.time() + 3600
+    os.utime(box / name, (future, future))
+    with BoxStore(box) as s:
+        assert s.stale_temps() == [(name, len(b"partial"), 0.0)]
+
+
+def test_stale_temps_goes_on_past_a_temp_that_vanished(box: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    names = [plant_temp(box, "1", age=60) for _ in range(5)]
+    real_stat = os.stat
+    gone: list[str] = []
+
+    def stat_(name: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(name) in names and not gone:
+            gone.append(str(name))
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory")
+        return real_stat(name, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat_)
+    with BoxStore(box) as s:
+        found = [n for n, _size, _age in s.stale_temps()]
+    assert sorted(found) == sorted(set(names) - set(gone))
+
+
+def test_quota_scan_goes_on_past_an_entry_that_vanished(box: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for i in range(6):
+        (box / f"f{i}").write_bytes(b"x" * 100)
+    real_scandir = os.scandir
+    gone: list[str] = []
+
+    class Entry:
+        def __init__(self, entry: os.DirEntry[str], vanish: bool) -> None:
+            self.entry, self.name, self.vanish = entry, entry.name, vanish
+
+        def stat(self, *, follow_symlinks: bool = True) -> os.stat_result:
+            if self.vanish:
+                gone.append(self.name)
+                raise FileNotFoundError(errno.ENOENT, "No such file or directory")
+            return self.entry.stat(follow_symlinks=follow_symlinks)
+
+    class Scan:
+        """The first entry of each scan vanishes between readdir and stat."""
+
+        def __init__(self, fd: int) -> None:
+            self.it = real_scandir(fd)
+
+        def __enter__(self) -> Iterator[Entry]:
+            return (Entry(e, i == 0) for i, e in enumerate(self.it))
+
+        def __exit__(self, *_exc: object) -> None:
+            self.it.close()
+
+    monkeypatch.setattr(os, "scandir", Scan)
+    with BoxStore(box, quota=500 + 100) as s:  # the five files left are counted
+        with pytest.raises(Refused):
+            s.begin("a", 101)
+        s.begin("a", 100).abort()
+    assert len(gone) == 2
+
+
+def test_a_fully_written_temp_promises_no_more_free_space(box: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "statvfs", fake_statvfs(lambda: 100 * MiB))
+    plant_temp(box, "100", b"x" * 100)  # written whole: on disk already, nothing outstanding
+    with BoxStore(box, min_free=MiB) as s:
+        with pytest.raises(Refused):
+            s.begin("a", 99 * MiB + 1)
+        s.begin("a", 99 * MiB).abort()
+
+
+@pytest.mark.parametrize(("call", "what"), [("scandir", "scan box"), ("listdir", "list box")])
+def test_a_box_that_cannot_be_read_is_451_naming_what_failed(
+    box: Path, monkeypatch: pytest.MonkeyPatch, call: str, what: str
+) -> None:
+    def broken(*_a: object, **_k: object) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    with BoxStore(box, quota=10) as s:
+        monkeypatch.setattr(os, call, broken)
+        with pytest.raises(Refused) as ei:
+            s.begin("a", 1) if call == "scandir" else s.sweep(older_than=0)
+    assert ei.value.reply == Reply.LOCAL_ERROR
+    assert ei.value.detail == f"{what}: Input/output error"
+
+
+def test_a_name_that_cannot_be_looked_up_is_451_naming_it(box: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_stat = os.stat
+
+    def stat_(name: Any, *args: Any, **kwargs: Any) -> Any:
+        if name == "a":
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_stat(name, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat_)
+    with BoxStore(box) as s, pytest.raises(Refused) as ei:
+        s.begin("a", 1)
+    assert ei.value.reply == Reply.LOCAL_ERROR
+    assert ei.value.detail == "stat 'a': Permission denied"

@@ -304,3 +304,70 @@ def test_a_batch_reports_each_files_own_outcome_under_one_directory_fsync(
     assert results[0] == "a"
     assert getattr(results[1], "reply", None) == Reply.EXISTS
     assert (box / "b").read_bytes() == b"raced"
+
+
+def test_a_directory_fsync_failure_keeps_each_earlier_refusal(
+    box: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (box / "taken").write_bytes(b"0")
+    with BoxStore(box) as s:
+        ups = []
+        for name in ("a", "taken"):
+            up = s.begin(name, 1) if name == "a" else None
+            ups.append(up)
+        first = ups[0]
+        assert first is not None
+        first.write(b"x")
+        second = BoxStore(box).begin("b", 1)  # another session's upload raced to "b" below
+        second.write(b"y")
+        late = s.begin("b", 1)
+        late.write(b"z")
+        assert second.commit() == "b"
+        second.store.close()
+        real_fsync = os.fsync
+
+        def fsync(fd: int) -> None:
+            if fd == s.dir_fd:
+                raise OSError(errno.EIO, "Input/output error")
+            real_fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        results = s.commit_batch([first, late])
+    assert getattr(results[0], "reply", None) == Reply.LOCAL_ERROR
+    assert getattr(results[0], "detail", None) == "fsync box: Input/output error"
+    assert getattr(results[1], "reply", None) == Reply.EXISTS
+
+
+def test_an_os_error_closing_one_file_of_a_batch_is_451_for_that_file(
+    box: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with BoxStore(box) as s:
+        a = s.begin("a", 1)
+        a.write(b"x")
+        b = s.begin("b", 1)
+        b.write(b"y")
+        real_close = os.close
+        failed: list[int] = []
+
+        def close(fd: int) -> None:
+            # The stored file "a" is closed once the name is claimed: an NFS close can fail then.
+            is_a = (box / "a").exists() and os.path.samestat(os.fstat(fd), os.stat(box / "a"))
+            real_close(fd)
+            if is_a and not failed:
+                failed.append(fd)
+                raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(os, "close", close)
+        results = s.commit_batch([a, b])
+        monkeypatch.undo()
+    assert failed
+    assert isinstance(results[0], Refused)
+    assert (results[0].reply, results[0].detail) == (Reply.LOCAL_ERROR, "Input/output error")
+    assert results[1] == "b"
+
+
+def test_a_failed_replace_names_the_file_in_its_detail(box: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "rename", fail_with(errno.EIO))
+    with pytest.raises(Refused) as ei:
+        store_file(box, "a", b"new", overwrite="replace")
+    assert ei.value.detail == "rename to 'a': Input/output error"
