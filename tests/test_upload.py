@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from rstash import store as store_mod
 from rstash.errors import Reply
 from rstash.store import BoxStore, Refused
 from rstash.upload import MAX_RENAME, UNKNOWN_RESERVE, from_oserror
@@ -26,6 +27,15 @@ def box(tmp_path: Path) -> Path:
     path = tmp_path / "box"
     path.mkdir()
     return path
+
+
+@pytest.fixture(params=["unnamed", "named"])
+def temp_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways the bytes reach a box: an unnamed O_TMPFILE, or (a kernel or file system
+    without it: open(O_TMPFILE) seen as O_DIRECTORY fails with EISDIR) the named temp."""
+    if request.param == "named":
+        monkeypatch.setattr(store_mod, "_TMPFILE_FLAGS", os.O_DIRECTORY | os.O_RDWR | os.O_CLOEXEC)
+    return str(request.param)
 
 
 def store_file(box: Path, name: str, data: bytes, **opts: Any) -> str:
@@ -51,7 +61,7 @@ def test_the_unknown_size_reserve_and_rename_limit_are_the_documented_ones() -> 
 # -- sizes ----------------------------------------------------------------------------
 
 
-def test_a_zero_byte_file_is_stored(box: Path) -> None:
+def test_a_zero_byte_file_is_stored(box: Path, temp_mode: str) -> None:
     assert store_file(box, "empty", b"") == "empty"
     with BoxStore(box) as s:
         up = s.begin("empty-streamed", None)
@@ -110,7 +120,7 @@ def test_rename_goes_up_to_the_999th_name_and_no_further(box: Path) -> None:
     assert not [n for n in os.listdir(box) if n.startswith(".rstash-tmp-")]
 
 
-def test_rename_candidates_must_match_allow_names(box: Path) -> None:
+def test_rename_candidates_must_match_allow_names(box: Path, temp_mode: str) -> None:
     (box / "db.tar").write_bytes(b"0")
     allow = ["db.tar", "db~2.tar", "db~3.tar"]
     assert store_file(box, "db.tar", b"1", overwrite="rename", allow_names=allow) == "db~2.tar"
@@ -118,7 +128,7 @@ def test_rename_candidates_must_match_allow_names(box: Path) -> None:
     assert store_file(box, "db.tar", b"2", overwrite="rename", allow_names=allow) == "db~3.tar"
 
 
-def test_refuse_and_replace_never_try_another_name(box: Path) -> None:
+def test_refuse_and_replace_never_try_another_name(box: Path, temp_mode: str) -> None:
     (box / "a.txt").write_bytes(b"old")
     with pytest.raises(Refused) as ei:
         store_file(box, "a.txt", b"new", overwrite="refuse")
@@ -127,7 +137,7 @@ def test_refuse_and_replace_never_try_another_name(box: Path) -> None:
     assert sorted(os.listdir(box)) == ["a.txt"]
 
 
-def test_a_temp_swapped_for_a_symlink_never_links_its_target(box: Path, tmp_path: Path) -> None:
+def test_a_temp_swapped_for_a_symlink_never_links_its_target(box: Path, tmp_path: Path, temp_mode: str) -> None:
     outside = tmp_path / "secret"
     outside.write_bytes(b"not for the box")
     with BoxStore(box) as s:
@@ -147,7 +157,7 @@ def test_a_temp_swapped_for_a_symlink_never_links_its_target(box: Path, tmp_path
 # -- faults ---------------------------------------------------------------------------
 
 
-def test_fsync_failure_is_451_and_stores_nothing(box: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fsync_failure_is_451_and_stores_nothing(box: Path, monkeypatch: pytest.MonkeyPatch, temp_mode: str) -> None:
     monkeypatch.setattr(os, "fsync", fail_with(errno.EIO))
     with pytest.raises(Refused) as ei:
         store_file(box, "a", b"data")
@@ -188,7 +198,9 @@ def test_a_file_mode_with_an_execute_setuid_setgid_or_sticky_bit_is_refused(box:
 
 
 @pytest.mark.parametrize("policy", ["refuse", "rename"])
-def test_link_failure_is_451_and_stores_nothing(box: Path, monkeypatch: pytest.MonkeyPatch, policy: str) -> None:
+def test_link_failure_is_451_and_stores_nothing(
+    box: Path, monkeypatch: pytest.MonkeyPatch, policy: str, temp_mode: str
+) -> None:
     monkeypatch.setattr(os, "link", fail_with(errno.EMLINK))
     with pytest.raises(Refused) as ei:
         store_file(box, "a", b"data", overwrite=policy)
@@ -196,7 +208,9 @@ def test_link_failure_is_451_and_stores_nothing(box: Path, monkeypatch: pytest.M
     assert os.listdir(box) == []
 
 
-def test_rename_failure_under_replace_keeps_the_old_file(box: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rename_failure_under_replace_keeps_the_old_file(
+    box: Path, monkeypatch: pytest.MonkeyPatch, temp_mode: str
+) -> None:
     (box / "a").write_bytes(b"old")
     monkeypatch.setattr(os, "rename", fail_with(errno.EIO))
     with pytest.raises(Refused) as ei:
