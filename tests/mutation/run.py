@@ -56,6 +56,8 @@ TARGETS: dict[str, Target] = {
 }
 
 MAX_CHILDREN = os.environ.get("RSTASH_MUTATION_CHILDREN", "2")
+#: mutmut's verdicts that mean the tests noticed the mutant: they failed, or never finished.
+DETECTED = frozenset({"killed", "timeout", "caught by type check", "segfault"})
 
 
 def equivalent_names() -> set[str]:
@@ -146,9 +148,9 @@ def main() -> int:
         started = time.monotonic()
         statuses = {**run_mutmut(name, target), **run_hand(name, target)}
         elapsed = time.monotonic() - started
-        survivors = sorted(k for k, v in statuses.items() if v != "killed" and k not in equivalent)
+        survivors = sorted(k for k, v in statuses.items() if v not in DETECTED and k not in equivalent)
         judged = [k for k, v in statuses.items() if not v.startswith("stale")]
-        killed = len([k for k in judged if statuses[k] == "killed" or k in equivalent])
+        killed = len([k for k in judged if statuses[k] in DETECTED or k in equivalent])
         score = 100.0 * killed / len(judged) if judged else 0.0
         print(f"{name}: {score:.1f} % ({killed}/{len(judged)} killed or equivalent, "
               f"{len(survivors)} survivors) in {elapsed:.0f} s")

@@ -37,6 +37,7 @@ from wire.wire_support import (
     DIGEST,
     GREETING,
     HELLO,
+    KEY,
     KEYS,
     MIB,
     MTIME,
@@ -590,3 +591,54 @@ def test_a_refusal_receipt_reports_the_servers_reason_and_the_requested_name() -
     assert receipt == Receipt(0, 553, "matches deny_names 'a*'", b"a b", b"a b", 0, "", False)
     assert not receipt.ok
     assert events[-1] == Done(0)
+
+
+def test_a_client_is_interactive_unless_told_pipe() -> None:
+    c = ClientConnection(KEY, "vm1")
+    assert c.state is wire.ClientState.AWAIT_GREETING
+    assert c.reply_state is wire.ReplyState.GREETING
+    with pytest.raises(LocalProtocolError):
+        c.hello(NONCE, T)  # nothing is sent before the greeting
+
+
+def test_after_the_221_nothing_more_is_sent_or_read() -> None:
+    c = one_file_client()
+    events = run_client(c, [lines(AUTH_LINE, STORED_LINE, BYE_LINE)])
+    assert events[-1] == Done(1)
+    with pytest.raises(LocalProtocolError):
+        c.file(b"late", 1, MTIME)
+    c = one_file_client()
+    run_client(c, [lines(AUTH_LINE, STORED_LINE, BYE_LINE)])
+    with pytest.raises(RemoteProtocolError):
+        run_client(c, [lines(BYE_LINE)])
+
+
+def test_an_interactive_client_refuses_a_second_greeting_before_hello() -> None:
+    client_error(lambda: client_after(hello=False), wire.line(GREETING), "before HELLO")
+
+
+def test_a_pipe_client_reports_a_greeting_before_its_hello_and_binds_nothing() -> None:
+    events = client_events(lambda: client_after(pipe=True, hello=False), wire.line(GREETING))
+    assert events == [Greeting(GREETING, b"")]
+    events = client_events(lambda: client_after(pipe=True), wire.line(GREETING))
+    assert events == [Greeting(GREETING, b"")]
+
+
+def test_a_dry_run_verdict_is_a_receipt_that_would_store() -> None:
+    make = lambda: client_after(dry=[b"d.txt"], bye=True)  # noqa: E731
+    verdict = wire.receipt_line(KEYS, 0, 250, b"d.txt", dry_run=True)
+    events = client_events(make, lines(AUTH_LINE) + verdict + wire.bye_line(KEYS, 1, 0))
+    assert events[1] == Receipt(0, 250, "would store", b"d.txt", b"d.txt", 0, "", True)
+    assert events[-1] == Done(0)
+
+
+def test_a_221_with_two_spaces_is_refused() -> None:
+    bye = BYE_LINE.replace("bye ", "bye  ", 1)
+    client_error(one_file_client, lines(AUTH_LINE, STORED_LINE, bye), "malformed 221")
+
+
+def test_an_empty_line_then_a_long_one_is_refused_as_not_a_reply() -> None:
+    c = client_after()
+    c.receive_data(b"\n" + b"2" * 1100)
+    with pytest.raises(RemoteProtocolError, match="not an rstash reply"):
+        c.next_event()

@@ -135,3 +135,20 @@ def test_file_header_unknown_size_is_all_ones_on_the_wire() -> None:
     assert b"\xff" * 8 in hdr
     assert wire.parse_file_header(hdr).size is None
     assert wire.parse_file_header(wire.encode_file_header(0, b"x", 0, 0)).size == 0
+
+
+def test_parse_hello_reads_every_field() -> None:
+    signed = wire.hello_without_proof(mode=wire.MODE_PIPE, box=b"vm1", key_id=KEY.key_id, nonce=NONCE,
+                                      time=T, ext={wire.EXT_SERVER_ID: b"host"})
+    proof = bytes(range(32))
+    hello = wire.parse_hello(signed + proof)
+    assert (hello.version, hello.mode, hello.method) == (1, wire.MODE_PIPE, 1)
+    assert (hello.box, hello.key_id, hello.nonce, hello.time) == (b"vm1", KEY.key_id, NONCE, T)
+    assert (hello.proof, hello.signed, hello.ext) == (proof, signed, {wire.EXT_SERVER_ID: b"host"})
+
+
+def test_file_header_carries_its_transfer_id() -> None:
+    tid = bytes(range(16))
+    parsed = wire.parse_file_header(wire.encode_file_header(1, b"x", 2, 3, 0, tid))
+    assert parsed.tid == tid
+    assert parsed.hdr == wire.encode_file_header(1, b"x", 2, 3, 0, tid)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -149,3 +151,21 @@ def test_the_greeting_parser_refuses_a_challenge_under_16_bytes(length: int) -> 
 def test_the_greeting_parser_refuses_another_protocol(text: str) -> None:
     with pytest.raises(RemoteProtocolError, match="unsupported greeting"):
         parse_greeting(text)
+
+
+def test_the_greeting_line_carries_the_challenge() -> None:
+    assert wire.greeting_line(bytes(range(16))) == "220 rstash/1 methods=hmac-sha256 challenge=AAECAwQFBgcICQoLDA0ODw"
+
+
+def test_a_stored_receipt_for_an_empty_file_says_zero_bytes() -> None:
+    empty = hashlib.sha256(b"").digest()
+    text = wire.receipt_line(KEYS, 0, Reply.STORED, b"empty", sha256=empty).decode()
+    mac = auth.receipt_mac(KEYS.k_s2c, 0, 250, b"empty", 0, empty)
+    assert text == f"250 stored 0 sha256:{empty.hex()} empty mac={mac}\r\n"
+
+
+@pytest.mark.parametrize(("text", "raw"), [
+    ("a%41b%42c", b"aAbBc"), ("%25%25%25", b"%%%"), ("ab%20cd%20ef", b"ab cd ef"), ("xyz", b"xyz"),
+])
+def test_pct_decode_reads_every_escape_and_character(text: str, raw: bytes) -> None:
+    assert wire.pct_decode(text) == raw
