@@ -385,3 +385,145 @@ def test_a_failed_replace_names_the_file_in_its_detail(box: Path, monkeypatch: p
     with pytest.raises(Refused) as ei:
         store_file(box, "a", b"new", overwrite="replace")
     assert ei.value.detail == "rename to 'a': Input/output error"
+
+
+# -- what the log is told ----------------------------------------------------------------
+
+
+def _refusal(box: Path, monkeypatch: pytest.MonkeyPatch, call: str, policy: str = "refuse") -> Refused:
+    with BoxStore(box, overwrite=policy) as s:
+        up = s.begin("a", 4)
+        if call in ("write", "ftruncate"):
+            monkeypatch.setattr(os, call, fail_with(errno.EIO))
+            with pytest.raises(Refused) as ei:
+                up.write(b"data")
+        else:
+            up.write(b"data")
+            monkeypatch.setattr(os, call, fail_with(errno.EIO))
+            with pytest.raises(Refused) as ei:
+                up.commit()
+        monkeypatch.undo()
+    return ei.value
+
+
+@pytest.mark.parametrize(("call", "policy", "detail"), [
+    ("write", "refuse", "write: Input/output error"),
+    ("ftruncate", "refuse", "reserve: Input/output error"),
+    ("fsync", "refuse", "fsync: Input/output error"),
+    ("fchmod", "refuse", "fchmod: Input/output error"),
+    ("link", "refuse", "link 'a': Input/output error"),
+    ("link", "replace", "link temp: Input/output error"),
+    ("rename", "replace", "rename to 'a': Input/output error"),
+])
+def test_each_failing_call_is_named_in_the_refusals_detail(
+    box: Path, monkeypatch: pytest.MonkeyPatch, call: str, policy: str, detail: str
+) -> None:
+    refusal = _refusal(box, monkeypatch, call, policy)
+    assert (refusal.reply, refusal.detail) == (Reply.LOCAL_ERROR, detail)
+    assert os.listdir(box) == []
+
+
+def test_size_refusals_say_how_many_bytes(box: Path) -> None:
+    with BoxStore(box, max_file_size=10) as s:
+        up = s.begin("a", 4)
+        with pytest.raises(Exception, match=r"^5 bytes > announced 4$"):
+            up.write(b"12345")
+        up = s.begin("b", 4)
+        up.write(b"123")
+        with pytest.raises(Exception, match=r"^3 bytes, announced 4$"):
+            up.commit()
+        up = s.begin("c", None)
+        with pytest.raises(Refused) as ei:
+            up.write(b"x" * 11)
+        assert ei.value.detail == "> max_file_size 10"
+
+
+def test_no_free_name_is_told_with_the_name(box: Path) -> None:
+    with BoxStore(box) as s:
+        up = s.begin("x", 1)
+        up.write(b"1")
+        (box / "x").write_bytes(b"0")  # a racing key holder took the name meanwhile
+        with pytest.raises(Refused) as ei:
+            up.commit()
+    assert ei.value.detail == "no free name for 'x'"
+
+
+def test_a_final_name_that_vanished_before_the_identity_check_is_refused(
+    box: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_stat = os.stat
+
+    def stat_(name: Any, *args: Any, **kwargs: Any) -> Any:
+        if name == "a":
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory")
+        return real_stat(name, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat_)
+    with pytest.raises(Refused) as ei:
+        store_file(box, "a", b"data")
+    assert ei.value.reply == Reply.LOCAL_ERROR
+    assert ei.value.detail == \
+        "'a' no longer holds the verified file (swapped by someone with write access to the box)"
+
+
+def test_a_committed_upload_knows_its_final_name(box: Path) -> None:
+    (box / "r.txt").write_bytes(b"0")
+    with BoxStore(box, overwrite="rename") as s:
+        up = s.begin("r.txt", 1)
+        up.write(b"1")
+        assert up.final_name is None
+        up.commit()
+        assert up.final_name == "r~1.txt"
+
+
+def test_the_reader_kept_for_hooks_is_read_only_and_not_inherited(box: Path) -> None:
+    with BoxStore(box, keep_readers=True) as s:
+        up = s.begin("a", 4)
+        up.write(b"data")
+        up.commit()
+        fd = up.reader_fd
+        assert fd is not None
+        try:
+            assert not os.get_inheritable(fd)
+            assert os.pread(fd, 4, 0) == b"data"
+            with pytest.raises(OSError):
+                os.write(fd, b"x")
+        finally:
+            up.close_reader()
+
+
+def test_a_replace_carries_the_announced_size_in_its_temp_name(
+    box: Path, monkeypatch: pytest.MonkeyPatch, temp_mode: str
+) -> None:
+    renamed: list[str] = []
+    real_rename = os.rename
+
+    def rename(src: Any, dst: Any, **kwargs: Any) -> None:
+        renamed.append(str(src))
+        real_rename(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "rename", rename)
+    store_file(box, "a", b"data", overwrite="replace")
+    [temp] = renamed
+    assert temp.startswith(".rstash-tmp-") and temp.endswith(".4")
+
+
+def test_an_os_error_without_a_message_is_told_as_the_error(box: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with BoxStore(box) as s:
+        a = s.begin("a", 1)
+        a.write(b"x")
+        real_close = os.close
+        failed: list[int] = []
+
+        def close(fd: int) -> None:
+            is_a = (box / "a").exists() and os.path.samestat(os.fstat(fd), os.stat(box / "a"))
+            real_close(fd)
+            if is_a and not failed:
+                failed.append(fd)
+                raise OSError("close failed")
+
+        monkeypatch.setattr(os, "close", close)
+        [result] = s.commit_batch([a])
+        monkeypatch.undo()
+    assert isinstance(result, Refused)
+    assert result.detail == "close failed"
