@@ -581,3 +581,27 @@ def test_a_name_that_cannot_be_looked_up_is_451_naming_it(box: Path, monkeypatch
         s.begin("a", 1)
     assert ei.value.reply == Reply.LOCAL_ERROR
     assert ei.value.detail == "stat 'a': Permission denied"
+
+
+def test_a_served_box_takes_its_policy_and_shares_min_free_with_its_siblings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rstash.config import BoxConfig
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    cfg_one = BoxConfig(name="one", path=one, keys=(), min_free=MiB, quota=100 * MiB,
+                        on_receive=("true",))
+    cfg_two = BoxConfig(name="two", path=two, keys=(), min_free=MiB)
+    monkeypatch.setattr(os, "statvfs", fake_statvfs(lambda: 50 * MiB))
+    plant_temp(two, str(10 * MiB), b"")  # another box on this file system promised 10 MiB
+    with BoxStore.serving(cfg_one, [cfg_one, cfg_two]) as s:
+        assert s.path == os.fspath(one)
+        assert (s.quota, s.min_free, s.keep_readers) == (100 * MiB, MiB, True)
+        with pytest.raises(Refused) as ei:
+            s.begin("a", 39 * MiB + 1)
+        assert ei.value.reply == Reply.INSUFFICIENT_STORAGE
+        s.begin("a", 39 * MiB).abort()
+    with BoxStore.serving(cfg_two, [cfg_one, cfg_two]) as s:
+        assert s.keep_readers is False

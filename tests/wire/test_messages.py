@@ -187,3 +187,9 @@ def test_what_the_library_says_when_its_caller_breaks_the_rules() -> None:
         wire.pct_decode("a%4")
     with pytest.raises(ValueError, match=exactly("unencoded byte in name")):
         wire.pct_decode("a b")
+
+
+def test_what_the_client_says_about_a_call_its_state_does_not_allow() -> None:
+    c = client_after(bye=True)
+    with pytest.raises(LocalProtocolError, match=exactly("FILE in state bye-sent")):
+        c.file(b"late", 1, 0)
