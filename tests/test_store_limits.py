@@ -605,3 +605,83 @@ def test_a_served_box_takes_its_policy_and_shares_min_free_with_its_siblings(
         s.begin("a", 39 * MiB).abort()
     with BoxStore.serving(cfg_two, [cfg_one, cfg_two]) as s:
         assert s.keep_readers is False
+
+
+def test_refusal_details_say_which_limit_and_by_how_much(box: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (box / "old").write_bytes(b"x" * 600)
+    with BoxStore(box, quota=1000) as s, pytest.raises(Refused) as ei:
+        s.begin("a", 401)
+    assert ei.value.detail == "usage 600 + 401 > quota 1000"
+    monkeypatch.setattr(os, "statvfs", fake_statvfs(lambda: 10 * MiB))
+    with BoxStore(box, min_free=4 * MiB) as s, pytest.raises(Refused) as ei:
+        s.begin("a", 7 * MiB)
+    assert ei.value.detail == f"free {10 * MiB} (after reservations 0) - {7 * MiB} < min_free {4 * MiB}"
+    with BoxStore(box) as s, pytest.raises(Refused) as ei:
+        s.begin("../a", 1)
+    assert (ei.value.reply, ei.value.detail) == (Reply.NAME_NOT_ALLOWED, "contains '/'")
+
+
+def test_failing_statvfs_and_box_lock_are_named(box: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_a: object) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "statvfs", broken)
+    with BoxStore(box, min_free=1) as s, pytest.raises(Refused) as ei:
+        s.begin("a", 1)
+    assert ei.value.detail == "statvfs: Input/output error"
+    monkeypatch.undo()
+    real_flock = fcntl.flock
+
+    def flock(fd: int, op: int) -> None:
+        if os.path.samestat(os.fstat(fd), os.stat(box)):
+            raise OSError(errno.ENOLCK, "No locks available")
+        real_flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    with BoxStore(box) as s, pytest.raises(Refused) as ei:
+        s.begin("a", 1)
+    assert ei.value.detail == "lock box: No locks available"
+
+
+def test_min_free_locks_every_box_of_the_file_system_while_it_checks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rstash.config import BoxConfig
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    cfg_one = BoxConfig(name="one", path=one, keys=(), min_free=1)
+    cfg_two = BoxConfig(name="two", path=two, keys=(), min_free=1)
+    seen: list[tuple[bool, bool]] = []
+    real_statvfs = os.statvfs
+
+    def statvfs(fd: Any) -> Any:
+        seen.append((_other_process_could_lock(one), _other_process_could_lock(two)))
+        return real_statvfs(fd)
+
+    monkeypatch.setattr(os, "statvfs", statvfs)
+    with BoxStore.serving(cfg_one, [cfg_one, cfg_two]) as s:
+        s.begin("a", 1).abort()
+    assert seen == [(False, False)]
+
+
+def test_the_64_mib_recheck_of_a_replace_counts_the_file_it_replaces(box: Path) -> None:
+    (box / "a").write_bytes(b"o" * MiB)
+    # begin: 1 MiB stored + 64 MiB claimed - 1 MiB replaced; at 64 MiB written the
+    # claim is 128 MiB, and the old file still frees its 1 MiB: exactly the quota.
+    with BoxStore(box, quota=2 * UNKNOWN_RESERVE, overwrite="replace") as s:
+        up = s.begin("a", None)
+        up.write(b"x" * UNKNOWN_RESERVE)
+        assert up.commit() == "a"
+    assert (box / "a").stat().st_size == UNKNOWN_RESERVE
+
+
+def test_the_64_mib_recheck_needs_only_min_free_itself(box: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    free = {"now": 200 * MiB}
+    monkeypatch.setattr(os, "statvfs", fake_statvfs(lambda: free["now"]))
+    with BoxStore(box, min_free=10 * MiB) as s:
+        up = s.begin("a", None)
+        free["now"] = UNKNOWN_RESERVE + 10 * MiB  # after the next 64 MiB promised: min_free exactly
+        up.write(b"x" * UNKNOWN_RESERVE)
+        assert up.commit() == "a"

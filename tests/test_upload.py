@@ -527,3 +527,13 @@ def test_an_os_error_without_a_message_is_told_as_the_error(box: Path, monkeypat
         monkeypatch.undo()
     assert isinstance(result, Refused)
     assert result.detail == "close failed"
+
+
+def test_an_upload_has_no_identity_until_it_is_committed(box: Path) -> None:
+    with BoxStore(box) as s:
+        up = s.begin("a", 1)
+        assert up.identity is None
+        up.write(b"x")
+        up.commit()
+        st = os.stat(box / "a")
+        assert up.identity == (st.st_dev, st.st_ino)
