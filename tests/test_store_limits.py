@@ -685,3 +685,66 @@ def test_the_64_mib_recheck_needs_only_min_free_itself(box: Path, monkeypatch: p
         free["now"] = UNKNOWN_RESERVE + 10 * MiB  # after the next 64 MiB promised: min_free exactly
         up.write(b"x" * UNKNOWN_RESERVE)
         assert up.commit() == "a"
+
+
+def test_begin_details_say_why(box: Path) -> None:
+    (box / "taken").write_bytes(b"0")
+    with BoxStore(box, max_file_size=10) as s:
+        with pytest.raises(Refused) as ei:
+            s.begin("taken", 1)
+        assert (ei.value.reply, ei.value.detail) == (Reply.EXISTS, "name taken at begin")
+        with pytest.raises(Refused) as ei:
+            s.begin("big", 11)
+        assert (ei.value.reply, ei.value.detail) == (Reply.TOO_LARGE, "11 > max_file_size 10")
+        with pytest.raises(ValueError, match=r"^negative size -1$"):
+            s.begin("neg", -1)
+    assert sorted(os.listdir(box)) == ["taken"]
+
+
+@pytest.mark.parametrize(("err", "reply"), [(errno.EIO, Reply.LOCAL_ERROR), (errno.ENOSPC, Reply.INSUFFICIENT_STORAGE)])
+def test_a_temp_that_cannot_be_created_is_refused_naming_it(
+    box: Path, monkeypatch: pytest.MonkeyPatch, err: int, reply: int
+) -> None:
+    real_open = os.open
+
+    def opener(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if str(path).startswith(".rstash-tmp-"):
+            raise OSError(err, os.strerror(err))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", opener)
+    with BoxStore(box) as s, pytest.raises(Refused) as ei:
+        s.begin("a", 1)
+    assert (ei.value.reply, ei.value.detail) == (reply, f"create temp: {os.strerror(err)}")
+    assert os.listdir(box) == []
+
+
+def test_an_unnamed_temp_that_fails_for_another_reason_than_support_is_refused(
+    box: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_open = os.open
+
+    def opener(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if path == ".":
+            raise OSError(errno.EIO, "Input/output error")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", opener)
+    with BoxStore(box) as s, pytest.raises(Refused) as ei:
+        s.begin("a", 1)
+    assert (ei.value.reply, ei.value.detail) == (Reply.LOCAL_ERROR, "create temp: Input/output error")
+    assert os.listdir(box) == []
+
+
+def test_a_failing_temp_lock_is_named(box: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_flock = fcntl.flock
+
+    def flock(fd: int, op: int) -> None:
+        if stat_is_reg(fd):
+            raise OSError(errno.ENOLCK, "No locks available")
+        real_flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    with BoxStore(box) as s, pytest.raises(Refused) as ei:
+        s.begin("a", 1)
+    assert ei.value.detail == "lock temp: No locks available"
