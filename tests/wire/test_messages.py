@@ -193,3 +193,8 @@ def test_what_the_client_says_about_a_call_its_state_does_not_allow() -> None:
     c = client_after(bye=True)
     with pytest.raises(LocalProtocolError, match=exactly("FILE in state bye-sent")):
         c.file(b"late", 1, 0)
+
+
+def test_what_the_client_says_about_a_stored_receipt_for_a_file_still_being_sent() -> None:
+    make = lambda: client_after(files=[(NAME, CONTENT)], end=False)  # noqa: E731
+    assert str(client_error(make, lines(AUTH_LINE, STORED_LINE))) == f"malformed receipt: {STORED_LINE[:120]!r}"
