@@ -198,3 +198,8 @@ def test_what_the_client_says_about_a_call_its_state_does_not_allow() -> None:
 def test_what_the_client_says_about_a_stored_receipt_for_a_file_still_being_sent() -> None:
     make = lambda: client_after(files=[(NAME, CONTENT)], end=False)  # noqa: E731
     assert str(client_error(make, lines(AUTH_LINE, STORED_LINE))) == f"malformed receipt: {STORED_LINE[:120]!r}"
+
+
+@pytest.mark.parametrize("raw", [b"150 hi", b"600 hi", b"099 hi", b"25 hi"])
+def test_a_code_outside_2xx_to_5xx_is_not_a_reply(raw: bytes) -> None:
+    assert str(client_error(client_after, raw + b"\r\n")) == f"not an rstash reply: {raw.decode()!r}"
