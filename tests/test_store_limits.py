@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from rstash.errors import Reply
+from rstash.errors import Reply, StoreError
 from rstash.store import UNKNOWN_RESERVE, BoxStore, Refused
 
 MiB = 2**20
@@ -748,3 +748,29 @@ def test_a_failing_temp_lock_is_named(box: Path, monkeypatch: pytest.MonkeyPatch
     with BoxStore(box) as s, pytest.raises(Refused) as ei:
         s.begin("a", 1)
     assert ei.value.detail == "lock temp: No locks available"
+
+
+def test_sweep_goes_on_past_a_temp_a_live_session_holds(box: Path) -> None:
+    old = [plant_temp(box, "100", age=3600) for _ in range(5)]
+    with BoxStore(box) as s:
+        live = s.begin("a", 1)
+        os.utime(live.temp_name, (0, 0), dir_fd=s.dir_fd)
+        assert sorted(s.sweep(older_than=60)) == sorted(old)
+        assert os.listdir(box) == [live.temp_name]
+        live.abort()
+
+
+def test_a_box_opened_for_reading_only_needs_no_ownership_walk(tmp_path: Path, box: Path) -> None:
+    name = plant_temp(box, "3", age=10)
+    with BoxStore(box, check_path=False) as s:
+        assert [found for found, _size, _age in s.stale_temps()] == [name]
+    with pytest.raises(StoreError, match=rf"^cannot open box directory {tmp_path}/nowhere: No such file or directory$"):
+        BoxStore(tmp_path / "nowhere", check_path=False)
+
+
+def test_closing_a_box_twice_is_harmless(box: Path) -> None:
+    s = BoxStore(box)
+    s.close()
+    assert s.dir_fd < 0
+    s.close()
+    assert s.dir_fd < 0
