@@ -774,3 +774,21 @@ def test_closing_a_box_twice_is_harmless(box: Path) -> None:
     assert s.dir_fd < 0
     s.close()
     assert s.dir_fd < 0
+
+
+def test_a_box_path_that_is_a_symlink_is_not_opened_even_for_reading(tmp_path: Path, box: Path) -> None:
+    link = tmp_path / "link"
+    link.symlink_to(box)
+    with pytest.raises(StoreError, match="cannot open box directory"):
+        BoxStore(link, check_path=False)
+
+
+def test_only_names_of_the_exact_temp_shape_are_swept(box: Path) -> None:
+    lookalikes = [".rstash-tmp-abc.5", f".rstash-tmp-{'z' * 32}.5", f".rstash-tmp-{'0' * 31}.5"]
+    for name in lookalikes:
+        (box / name).write_bytes(b"not ours")
+        os.utime(box / name, (0, 0))
+    real = plant_temp(box, "5", age=3600)
+    with BoxStore(box) as s:
+        assert s.sweep(older_than=60) == [real]
+    assert sorted(os.listdir(box)) == sorted(lookalikes)

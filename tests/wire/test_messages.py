@@ -39,6 +39,7 @@ from wire.wire_support import (
     header,
     lines,
     one_file_client,
+    run_client,
     server_error,
 )
 
@@ -203,3 +204,16 @@ def test_what_the_client_says_about_a_stored_receipt_for_a_file_still_being_sent
 @pytest.mark.parametrize("raw", [b"150 hi", b"600 hi", b"099 hi", b"25 hi"])
 def test_a_code_outside_2xx_to_5xx_is_not_a_reply(raw: bytes) -> None:
     assert str(client_error(client_after, raw + b"\r\n")) == f"not an rstash reply: {raw.decode()!r}"
+
+
+def test_a_dry_run_verdict_is_reported_in_the_protocols_words_not_the_lines() -> None:
+    # The verdict's MAC covers index, code and name, not its text: the text is never believed.
+    make = lambda: client_after(dry=[b"d.txt"])  # noqa: E731
+    verdict = wire.receipt_line(KEYS, 0, 250, b"d.txt", dry_run=True).replace(b"would store", b"has eaten")
+    events = run_client(make(), [lines(AUTH_LINE) + verdict])
+    assert events[1].reason == "would store"
+
+
+def test_what_the_client_says_about_a_line_over_1024_bytes() -> None:
+    with pytest.raises(RemoteProtocolError, match=exactly("reply line longer than 1024 bytes")):
+        run_client(client_after(), [b"2" * 1025])
