@@ -664,3 +664,15 @@ def test_parse_key_text_trims_blanks_around_the_comment() -> None:
     key = auth.parse_key_text(f"rstash-key-v1 {HEX} #   vm1 nightly  \n")
     assert key.comment == "vm1 nightly"
     assert key.describe().endswith(" vm1 nightly (rstash-hmac)")
+
+
+def test_method_ssh_keys_are_those_of_an_all_zero_key_with_no_proof_and_no_line_macs() -> None:
+    # rstash(7) CONSTRUCTION 11: the SSH server authenticated the client; K = 32 zero bytes.
+    keys = auth.ssh_session_keys(b"G", b"hello")
+    zero = auth.session_keys(bytes(auth.KEY_LEN), b"G", b"hello")
+    assert (keys.th, keys.k_c2s, keys.k_s2c) == (zero.th, zero.k_c2s, zero.k_s2c)
+    assert keys.th == auth.transcript_hash(b"G", b"hello")
+    assert keys.proof == bytes(auth.MAC_LEN)
+    assert keys.macs is False
+    assert zero.macs is True
+    assert auth.ssh_session_keys(b"G2", b"hello").th != keys.th
