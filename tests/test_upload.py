@@ -537,3 +537,36 @@ def test_an_upload_has_no_identity_until_it_is_committed(box: Path) -> None:
         up.commit()
         st = os.stat(box / "a")
         assert up.identity == (st.st_dev, st.st_ino)
+
+
+def _fsyncs_of_a_batch(box: Path, monkeypatch: pytest.MonkeyPatch, n: int) -> tuple[int, int]:
+    """(file fsyncs, directory fsyncs) of one batch of ``n`` files."""
+    calls: list[int] = []
+    real_fsync = os.fsync
+    with BoxStore(box) as s:
+        ups = []
+        for i in range(n):
+            up = s.begin(f"f{i}", 1)
+            up.write(b"x")
+            ups.append(up)
+        monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real_fsync(fd))[1])
+        assert s.commit_batch(ups) == [f"f{i}" for i in range(n)]
+        monkeypatch.undo()
+        return len([fd for fd in calls if fd != s.dir_fd]), calls.count(s.dir_fd)
+
+
+def test_a_batch_of_several_files_is_made_durable_by_one_syncfs(box: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rstash.durable import syncfs
+
+    fd = os.open(box, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if not syncfs(fd):
+            pytest.skip("this file system or kernel has no syncfs()")  # each file is fsynced instead
+    finally:
+        os.close(fd)
+    # rstash-recv(8) DURABILITY: one syncfs() for the data of the batch, one fsync for the names.
+    assert _fsyncs_of_a_batch(box, monkeypatch, 2) == (0, 1)
+
+
+def test_a_batch_of_one_file_fsyncs_that_file(box: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _fsyncs_of_a_batch(box, monkeypatch, 1) == (1, 1)
