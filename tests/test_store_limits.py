@@ -413,7 +413,11 @@ def test_sweep_fsyncs_the_box_only_when_it_removed_something(
 ) -> None:
     synced: list[int] = []
     real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    def fsync(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
     plant_temp(box, "1", age=0)
     with BoxStore(box) as s:
         assert s.sweep(older_than=60) == []

@@ -549,7 +549,11 @@ def _fsyncs_of_a_batch(box: Path, monkeypatch: pytest.MonkeyPatch, n: int) -> tu
             up = s.begin(f"f{i}", 1)
             up.write(b"x")
             ups.append(up)
-        monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real_fsync(fd))[1])
+        def fsync(fd: int) -> None:
+            calls.append(fd)
+            real_fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
         assert s.commit_batch(ups) == [f"f{i}" for i in range(n)]
         monkeypatch.undo()
         return len([fd for fd in calls if fd != s.dir_fd]), calls.count(s.dir_fd)

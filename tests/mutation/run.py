@@ -29,7 +29,7 @@ WORK = ROOT / "build" / "mutation"
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from hand_mutants import HAND_MUTANTS  # noqa: E402
+from hand_mutants import HAND_MUTANTS  # type: ignore[import-not-found]  # noqa: E402
 
 
 @dataclass(frozen=True)

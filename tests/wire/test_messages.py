@@ -208,9 +208,8 @@ def test_a_code_outside_2xx_to_5xx_is_not_a_reply(raw: bytes) -> None:
 
 def test_a_dry_run_verdict_is_reported_in_the_protocols_words_not_the_lines() -> None:
     # The verdict's MAC covers index, code and name, not its text: the text is never believed.
-    make = lambda: client_after(dry=[b"d.txt"])  # noqa: E731
     verdict = wire.receipt_line(KEYS, 0, 250, b"d.txt", dry_run=True).replace(b"would store", b"has eaten")
-    events = run_client(make(), [lines(AUTH_LINE) + verdict])
+    events = run_client(client_after(dry=[b"d.txt"]), [lines(AUTH_LINE) + verdict])
     assert events[1].reason == "would store"
 
 
