@@ -586,3 +586,93 @@ def test_s_refuses_a_field_longer_than_65535_bytes() -> None:
     assert auth.s(b"ab") == b"\x00\x02ab"
     with pytest.raises(ValueError):
         auth.s(bytes(65536))
+
+
+def test_s_accepts_a_field_of_exactly_65535_bytes() -> None:
+    field = auth.s(bytes(65535))
+    assert field[:2] == b"\xff\xff"
+    assert len(field) == 2 + 65535
+
+
+def test_u64_encodes_the_unknown_size_as_all_ones() -> None:
+    assert auth.u64(auth.UNKNOWN_SIZE) == b"\xff" * 8
+    assert auth.u16(0xFFFF) == b"\xff\xff"
+
+
+def test_b64url_keeps_a_trailing_x() -> None:
+    # Only "=" padding is stripped; "X" is an ordinary last character.
+    assert auth.b64url(b"\x00\x00\x17") == "AAAX"
+    assert auth.b64url_decode("AAAX") == b"\x00\x00\x17"
+
+
+@pytest.mark.parametrize("text", ["A", "AAAAA", "AAAAAAAAA"])
+def test_b64url_decode_refuses_a_length_no_base64_has(text: str) -> None:
+    with pytest.raises(ValueError, match="not unpadded base64url"):
+        auth.b64url_decode(text)
+
+
+def test_verify_line_mac_is_false_for_a_non_ascii_mac() -> None:
+    expected = auth.auth_mac(bytes(32))
+    assert auth.verify_line_mac(expected, expected)
+    assert not auth.verify_line_mac(expected, "é" * len(expected))
+    assert not auth.verify_line_mac(expected, expected[:-1] + "\u00ff")
+
+
+def test_format_key_without_a_comment_writes_no_comment() -> None:
+    assert auth.format_key(bytes.fromhex(HEX)) == f"rstash-key-v1 {HEX}\n"
+
+
+def test_parse_key_text_names_its_origin_when_it_refuses() -> None:
+    with pytest.raises(KeyFileError, match=r"^vm1\.key: not an rstash key"):
+        auth.parse_key_text("rstash-key-v2 00", "vm1.key")
+    with pytest.raises(KeyFileError, match=r"^key: not an rstash key"):
+        auth.parse_key_text("rstash-key-v2 00")
+
+
+def test_parse_key_text_refuses_blanks_after_the_key() -> None:
+    # A comment must be introduced by " #": trailing blanks are not one.
+    with pytest.raises(KeyFileError):
+        auth.parse_key_text(f"rstash-key-v1 {HEX} \n")
+    with pytest.raises(KeyFileError):
+        auth.parse_key_text(f"rstash-key-v1 {HEX}\t\n")
+
+
+def test_log_name_is_the_fingerprint_and_the_comment() -> None:
+    key = auth.Key(bytes.fromhex(HEX), "vm1 nightly")
+    assert key.log_name() == f"{auth.fingerprint(bytes.fromhex(HEX))} vm1 nightly"
+    bare = auth.Key(bytes.fromhex(HEX))
+    assert bare.log_name() == auth.fingerprint(bytes.fromhex(HEX))
+    assert HEX not in key.log_name()
+
+
+def test_session_keys_repr_shows_the_transcript_hash_only() -> None:
+    keys = auth.session_keys(auth.Key(bytes.fromhex(HEX)), b"G", b"hello")
+    text = repr(keys)
+    assert keys.th.hex() in text or repr(keys.th) in text
+    for secret in (keys.proof, keys.k_c2s, keys.k_s2c):
+        assert repr(secret) not in text
+        assert secret.hex() not in text
+    assert "k_c2s" not in text and "k_s2c" not in text and "proof" not in text
+
+
+def test_parse_key_text_keeps_the_comment_whole() -> None:
+    key = auth.parse_key_text(f"rstash-key-v1 {HEX} # backup of VM-BOX\n")
+    assert key.comment == "backup of VM-BOX"
+
+
+def test_parse_key_text_trims_blanks_around_the_comment() -> None:
+    key = auth.parse_key_text(f"rstash-key-v1 {HEX} #   vm1 nightly  \n")
+    assert key.comment == "vm1 nightly"
+    assert key.describe().endswith(" vm1 nightly (rstash-hmac)")
+
+
+def test_method_ssh_keys_are_those_of_an_all_zero_key_with_no_proof_and_no_line_macs() -> None:
+    # rstash(7) CONSTRUCTION 11: the SSH server authenticated the client; K = 32 zero bytes.
+    keys = auth.ssh_session_keys(b"G", b"hello")
+    zero = auth.session_keys(bytes(auth.KEY_LEN), b"G", b"hello")
+    assert (keys.th, keys.k_c2s, keys.k_s2c) == (zero.th, zero.k_c2s, zero.k_s2c)
+    assert keys.th == auth.transcript_hash(b"G", b"hello")
+    assert keys.proof == bytes(auth.MAC_LEN)
+    assert keys.macs is False
+    assert zero.macs is True
+    assert auth.ssh_session_keys(b"G2", b"hello").th != keys.th

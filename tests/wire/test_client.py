@@ -37,6 +37,7 @@ from wire.wire_support import (
     DIGEST,
     GREETING,
     HELLO,
+    KEY,
     KEYS,
     MIB,
     MTIME,
@@ -550,3 +551,94 @@ def test_every_protocol_error_leaves_the_client_refusing_every_call(
     for call in _client_calls(c):
         with pytest.raises(LocalProtocolError, match="after a protocol error"):
             call()
+
+
+def _three_stored_client() -> ClientConnection:
+    return client_after(files=[(b"a", b"1"), (b"b", b"22"), (b"c", b"333")], bye=True)
+
+
+def _three_stored_lines() -> bytes:
+    return lines(AUTH_LINE) + b"".join(
+        wire.receipt_line(KEYS, i, 250, name, n=len(content), sha256=hashlib.sha256(content).digest())
+        for i, (name, content) in enumerate([(b"a", b"1"), (b"b", b"22"), (b"c", b"333")]))
+
+
+def test_the_221_counts_every_stored_file() -> None:
+    events = client_events(_three_stored_client, _three_stored_lines() + wire.bye_line(KEYS, 3, 3))
+    assert [e.final_name for e in events if isinstance(e, Receipt)] == [b"a", b"b", b"c"]
+    assert events[-1] == Done(3)
+
+
+@pytest.mark.parametrize("claimed", [1, 2, 4])
+def test_a_221_with_another_count_of_several_stored_files_is_refused(claimed: int) -> None:
+    client_error(_three_stored_client, _three_stored_lines() + wire.bye_line(KEYS, 3, claimed), "stored")
+
+
+@pytest.mark.parametrize("first", [b"\n", b"\r\n", b"\n235 ok\r\n"])
+def test_a_reply_starting_with_an_empty_line_is_refused_at_once(first: bytes) -> None:
+    # An empty line is whole: waiting for more would hang the client on a broken server.
+    c = client_after()
+    c.receive_data(first)
+    with pytest.raises(RemoteProtocolError, match="not an rstash reply"):
+        c.next_event()
+
+
+def test_a_refusal_receipt_reports_the_servers_reason_and_the_requested_name() -> None:
+    make = lambda: client_after(files=[(b"a b", b"1")], bye=True)  # noqa: E731
+    refusal = wire.receipt_line(KEYS, 0, Reply.NAME_NOT_ALLOWED, b"a b", reason="matches deny_names 'a*'")
+    events = client_events(make, lines(AUTH_LINE) + refusal + wire.bye_line(KEYS, 1, 0))
+    receipt = events[1]
+    assert receipt == Receipt(0, 553, "matches deny_names 'a*'", b"a b", b"a b", 0, "", False)
+    assert not receipt.ok
+    assert events[-1] == Done(0)
+
+
+def test_a_client_is_interactive_unless_told_pipe() -> None:
+    c = ClientConnection(KEY, "vm1")
+    assert c.state is wire.ClientState.AWAIT_GREETING
+    assert c.reply_state is wire.ReplyState.GREETING
+    with pytest.raises(LocalProtocolError):
+        c.hello(NONCE, T)  # nothing is sent before the greeting
+
+
+def test_after_the_221_nothing_more_is_sent_or_read() -> None:
+    c = one_file_client()
+    events = run_client(c, [lines(AUTH_LINE, STORED_LINE, BYE_LINE)])
+    assert events[-1] == Done(1)
+    with pytest.raises(LocalProtocolError):
+        c.file(b"late", 1, MTIME)
+    c = one_file_client()
+    run_client(c, [lines(AUTH_LINE, STORED_LINE, BYE_LINE)])
+    with pytest.raises(RemoteProtocolError):
+        run_client(c, [lines(BYE_LINE)])
+
+
+def test_an_interactive_client_refuses_a_second_greeting_before_hello() -> None:
+    client_error(lambda: client_after(hello=False), wire.line(GREETING), "before HELLO")
+
+
+def test_a_pipe_client_reports_a_greeting_before_its_hello_and_binds_nothing() -> None:
+    events = client_events(lambda: client_after(pipe=True, hello=False), wire.line(GREETING))
+    assert events == [Greeting(GREETING, b"")]
+    events = client_events(lambda: client_after(pipe=True), wire.line(GREETING))
+    assert events == [Greeting(GREETING, b"")]
+
+
+def test_a_dry_run_verdict_is_a_receipt_that_would_store() -> None:
+    make = lambda: client_after(dry=[b"d.txt"], bye=True)  # noqa: E731
+    verdict = wire.receipt_line(KEYS, 0, 250, b"d.txt", dry_run=True)
+    events = client_events(make, lines(AUTH_LINE) + verdict + wire.bye_line(KEYS, 1, 0))
+    assert events[1] == Receipt(0, 250, "would store", b"d.txt", b"d.txt", 0, "", True)
+    assert events[-1] == Done(0)
+
+
+def test_a_221_with_two_spaces_is_refused() -> None:
+    bye = BYE_LINE.replace("bye ", "bye  ", 1)
+    client_error(one_file_client, lines(AUTH_LINE, STORED_LINE, bye), "malformed 221")
+
+
+def test_an_empty_line_then_a_long_one_is_refused_as_not_a_reply() -> None:
+    c = client_after()
+    c.receive_data(b"\n" + b"2" * 1100)
+    with pytest.raises(RemoteProtocolError, match="not an rstash reply"):
+        c.next_event()

@@ -6,6 +6,8 @@ Every input is fed whole, one byte at a time and with trailing data (``server_er
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from rstash import wire
 from rstash.errors import IntegrityError, LocalProtocolError, RemoteProtocolError, Reply
@@ -14,10 +16,12 @@ from rstash.wire import (
     FrameType,
     frame,
 )
+from rstash.wire.frames import Rope
 from wire.wire_support import (
     FILE0,
     HELLO,
     MIB,
+    PROPERTY,
     authed_server,
     file_frame,
     file_hdr,
@@ -112,3 +116,33 @@ def test_a_payload_outside_its_limits_is_never_framed(ftype: FrameType, length: 
     lo, hi = wire.FRAME_LIMITS[ftype]
     for ok in (lo, hi):
         assert frame(ftype, bytes(ok))[:5] == header(ftype, ok)
+
+
+@given(st.lists(st.binary(min_size=1, max_size=7), min_size=1, max_size=6),
+       st.lists(st.tuples(st.sampled_from(["take", "peek", "view", "skip"]), st.integers(0, 12)), max_size=12))
+@PROPERTY
+def test_the_receive_buffer_gives_back_the_bytes_in_order_however_they_arrived(
+    chunks: list[bytes], ops: list[tuple[str, int]]
+) -> None:
+    rope, model = Rope(), b"".join(chunks)
+    for chunk in chunks:
+        rope.append(chunk)
+    for op, n in ops:
+        n = min(n, len(model))
+        if op == "peek":
+            assert rope.peek(n) == model[:n]
+            continue
+        if op == "view":
+            if not model or n == 0:
+                continue
+            got = bytes(rope.view(n))
+            assert got and model.startswith(got) and len(got) <= n
+            model = model[len(got):]
+        elif op == "take":
+            assert rope.take(n) == model[:n]
+            model = model[n:]
+        else:
+            rope.skip(n)
+            model = model[n:]
+        assert len(rope) == len(model)
+    assert rope.take(len(model)) == model

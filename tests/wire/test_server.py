@@ -627,3 +627,18 @@ def test_a_call_refused_for_its_state_also_ends_in_error() -> None:
     assert conn.state is ServerState.ERROR
     with pytest.raises(LocalProtocolError):
         conn.receive_data(FILE0)
+
+
+def test_authenticate_after_end_of_stream_is_refused() -> None:
+    conn = ServerConnection()
+    conn.receive_data(b"")
+    assert isinstance(conn.next_event(), ConnectionClosed)
+    with pytest.raises(LocalProtocolError):
+        conn.authenticate(KEYS)
+
+
+def test_after_an_abort_no_file_is_current() -> None:
+    conn = authed_server(HELLO + file_frame(file_hdr()) + data_frame(CONTENT[:3]))
+    assert conn.current is not None and conn.current.name == NAME
+    run_server([abort_frame(0)], conn=conn)
+    assert conn.current is None
