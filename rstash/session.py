@@ -35,7 +35,6 @@ from .keys import UnusableKeys, load_box_keys, why_auth_failed
 from .log import Logger
 from .names import check_name
 from .partials import CHUNK, Partials
-from .replay import utc
 from .resume import ResumeFiles
 from .sessionlog import FileState, SessionLogging, SessionResult
 from .settings import BoxConfig, Config
@@ -197,6 +196,7 @@ class ServerSession(SessionLogging):
     def _refuse_pipe(self, verdict: Verdict) -> None:
         outcome = verdict.outcome
         assert outcome is not None and self.box is not None
+        from .replay import utc  # sqlite3 with it: never before the greeting
 
         emit = self.log.error if outcome is Outcome.SESSION_ERROR else self.log.warning
         after = None if verdict.floor is None else utc(verdict.floor)

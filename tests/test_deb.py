@@ -97,6 +97,9 @@ def test_the_deb_from_a_fresh_clone_serves_under_inetd_and_purges_clean(
     for tool in BUILD_TOOLS:
         need_program(tool)
     inetd = need_program("inetd")
+    # The box's ancestors must be root's or the service user's (rstash-recv(8) SECURITY): the
+    # package's user is `rstash`, not the e2e account that owns e2e_dir.
+    os.chown(e2e_dir, 0, 0)
     e2e_dir.chmod(0o755)
     # apt waits for a lock held by another apt instead of failing, and never asks.
     apt_conf = tmp_path / "apt.conf"
