@@ -1,10 +1,13 @@
 """Locks that hold across every receiver sharing a box: OFD locks on regular files.
 
-This module owns the two locks rstash takes on a box: the **box lock**, an
-exclusive open-file-description lock (``F_OFD_SETLKW``) on the regular file
-``<box>/.rstash-lock``, which serialises reservation scans and the claim of
-final names; and the **temp lock**, an exclusive OFD lock a session holds on its
-temp for the temp's whole life, which a sweep tests with a shared lock.
+This module owns the two locks rstash takes on a box: the **box lock**, which
+serialises reservation scans and the claim of final names — where another host
+may mount the box (:func:`rstash.statedir.may_be_shared`) an exclusive
+open-file-description lock (``F_OFD_SETLKW``) on the regular file
+``<box>/.rstash-lock``, on a local file system ``flock`` on the box directory
+(one host: it excludes every process, and the box holds nothing but files);
+and the **temp lock**, an exclusive OFD lock a session holds on its temp for
+the temp's whole life, which a sweep tests with a shared lock.
 
 OFD locks, not ``flock``: ``flock`` on a directory is node-local on GlusterFS's
 FUSE client (and ``flock`` altogether on GPFS or NFS with ``local_lock=flock``),
@@ -85,14 +88,19 @@ class BoxLock:
     """The box lock of one or more boxes (:mod:`rstash.boxlock`): serialises limit checks,
     reservations and the claim of final names across every session of every receiver."""
 
-    def __init__(self, fds: list[int]) -> None:
+    def __init__(self, fds: list[int], *, ofd: bool) -> None:
+        #: lock files (ofd) or box directories (flock), in locking order
         self.fds = fds
+        self.ofd = ofd
         self.held: list[int] = []
 
     def __enter__(self) -> None:
         try:
             for fd in self.fds:
-                lock(fd)
+                if self.ofd:
+                    lock(fd)
+                else:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
                 self.held.append(fd)
         except OSError as exc:
             self._release()
@@ -101,7 +109,10 @@ class BoxLock:
     def _release(self) -> None:
         for fd in reversed(self.held):
             try:
-                unlock(fd)
+                if self.ofd:
+                    unlock(fd)
+                else:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
             except OSError:
                 pass  # a lost lock is the lease's business; never mask the first error
         self.held = []

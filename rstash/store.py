@@ -24,8 +24,9 @@ It must never:
 Reservations live on disk, not in memory: a temp's name carries its announced
 size, so every session in every process, on every receiver sharing the box,
 sees every other session's claim by scanning the directory under the box lock
-(:mod:`rstash.boxlock`, an OFD lock on ``.rstash-lock``, which also serialises
-the claim of final names). There is no shared state to corrupt and nothing to
+(:mod:`rstash.boxlock`: the directory's flock on a local file system, an OFD
+lock on ``.rstash-lock`` where another host may mount the box; it also
+serialises the claim of final names). There is no shared state to corrupt and nothing to
 clean up but the temps themselves.
 
 A temp is alive while its session holds its OFD lock and keeps its mtime
@@ -54,6 +55,7 @@ from rstash.errors import Outcome, Refused, StoreError
 from rstash.fsreserve import TEMP_PREFIX, TEMP_RE, FsReservations, scan_usage
 from rstash.names import name_problem
 from rstash.settings import BoxPolicy
+from rstash.statedir import may_be_shared
 from rstash.upload import UNKNOWN_RESERVE, SizeMismatch, Upload, from_oserror, no_space
 
 if TYPE_CHECKING:
@@ -107,6 +109,8 @@ class BoxStore:
         #: box directory fd -> its lock file's fd, opened at the first lock
         self._lock_fds: dict[int, int] = {}
         self._renewed = time.monotonic()
+        #: another host may mount the box: the box lock is the OFD lock on .rstash-lock
+        self.shared = may_be_shared(self.path)
         self.keep_readers = keep_readers
         self.dir_fd: int = -1
         if check_path:
@@ -320,13 +324,15 @@ class BoxStore:
         # min_free is about the file system: every box on it is locked (in one
         # order for every process), so the check and the reservation stay atomic.
         dirs = self._fs.lock_order(self.dir_fd) if self.min_free is not None else [self.dir_fd]
-        return BoxLock([self._lock_fd(fd) for fd in dirs])
+        return BoxLock([self._lock_fd(fd) for fd in dirs], ofd=self.shared)
 
     def box_lock(self) -> BoxLock:
         """This box's lock alone: held to claim a final name and fsync the directory."""
-        return BoxLock([self._lock_fd(self.dir_fd)])
+        return BoxLock([self._lock_fd(self.dir_fd)], ofd=self.shared)
 
     def _lock_fd(self, dir_fd: int) -> int:
+        if not self.shared:
+            return dir_fd  # one host mounts it: the directory's flock excludes every process
         fd = self._lock_fds.get(dir_fd)
         if fd is None:
             try:

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from e2e_support import need
-from rstash import boxlock
 from rstash.errors import Outcome
 from rstash.store import BoxStore, Refused
 
@@ -91,20 +90,22 @@ def test_a_box_on_another_file_system_is_not_a_sibling(small_fs: Path, tmp_path:
 
 def test_the_reservation_check_locks_every_box_of_the_file_system(small_fs: Path) -> None:
     # While another process holds box a's lock, a min_free check for box b must wait.
+    import fcntl
+
     a, b = small_fs / "a", small_fs / "b"
-    fd = boxlock.open_lock_file(os.open(a, os.O_RDONLY | os.O_DIRECTORY))
+    fd = os.open(a, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        boxlock.lock(fd)
+        fcntl.flock(fd, fcntl.LOCK_EX)
         probe = subprocess.run(
             [sys.executable, "-c", textwrap.dedent(f"""
-                import os
-                from rstash import boxlock
+                import fcntl, os
                 from rstash.store import BoxStore
                 with BoxStore({str(b)!r}, min_free=1, siblings=[{str(a)!r}]) as s:
                     for fd in s._dir_lock().fds:
-                        if not boxlock.try_lock(fd):
-                            lock = os.path.join({str(a)!r}, boxlock.LOCK_NAME)
-                            print("waits", os.path.samestat(os.fstat(fd), os.stat(lock)))
+                        try:
+                            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        except BlockingIOError:
+                            print("waits", os.path.samestat(os.fstat(fd), os.stat({str(a)!r})))
             """)], capture_output=True, text=True, timeout=30, cwd=REPO)
     finally:
         os.close(fd)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import fcntl
 import multiprocessing
 import os
 import stat
@@ -40,11 +39,6 @@ def store_file(box: Path, name: str, data: bytes, **opts: Any) -> str:
 
 def temps(box: Path) -> list[str]:
     return [n for n in os.listdir(box) if n.startswith(".rstash-tmp-")]
-
-
-def entries(box: Path) -> list[str]:
-    """The box's entries but its lock file (created at the first lock, never counted or listed)."""
-    return [n for n in os.listdir(box) if n != boxlock.LOCK_NAME]
 
 
 def refused(excinfo: pytest.ExceptionInfo[Refused], code: int, reason: str) -> None:
@@ -147,13 +141,13 @@ def test_abort_removes_the_temp(box: Path) -> None:
         assert temps(box) == [up.temp_name]
         up.abort()
         up.abort()  # idempotent
-    assert entries(box) == []
+    assert os.listdir(box) == []
 
 
 def test_closing_the_store_aborts_unfinished_uploads(box: Path) -> None:
     with BoxStore(box) as s:
         s.begin("a", 10).write(b"1")
-    assert entries(box) == []
+    assert os.listdir(box) == []
 
 
 def test_writing_beyond_the_announced_size_is_refused_and_removes_the_temp(box: Path) -> None:
@@ -162,7 +156,7 @@ def test_writing_beyond_the_announced_size_is_refused_and_removes_the_temp(box: 
         up.write(b"abc")
         with pytest.raises(SizeMismatch):
             up.write(b"de")
-        assert entries(box) == []
+        assert os.listdir(box) == []
 
 
 def test_short_file_is_never_committed(box: Path) -> None:
@@ -171,14 +165,14 @@ def test_short_file_is_never_committed(box: Path) -> None:
         up.write(b"abc")
         with pytest.raises(SizeMismatch):
             up.commit()
-    assert entries(box) == []
+    assert os.listdir(box) == []
 
 
 def test_store_refuses_a_path_as_name(box: Path) -> None:
     with BoxStore(box) as s, pytest.raises(Refused) as ei:
         s.begin("../escape", 1)
     refused(ei, Reply.NAME_NOT_ALLOWED, "name not allowed")
-    assert entries(box) == []
+    assert os.listdir(box) == []
 
 
 def test_box_path_that_is_a_symlink_is_not_opened(tmp_path: Path, box: Path) -> None:
@@ -216,7 +210,7 @@ def test_replace_overwrites(box: Path) -> None:
     store_file(box, "a", b"old", overwrite="replace")
     store_file(box, "a", b"newer", overwrite="replace")
     assert (box / "a").read_bytes() == b"newer"
-    assert sorted(entries(box)) == ["a"]
+    assert sorted(os.listdir(box)) == ["a"]
 
 
 def test_rename_sequence_puts_the_number_before_the_extension(box: Path) -> None:
@@ -260,7 +254,7 @@ def test_link_error_other_than_eexist_is_451_without_rename_fallback(
         with pytest.raises(Refused) as ei:
             store_file(box, "a", b"data", overwrite=policy)
         refused(ei, Reply.LOCAL_ERROR, "local error")
-        assert entries(box) == []
+        assert os.listdir(box) == []
 
 
 # -- planted symlinks ----------------------------------------------------------
@@ -357,7 +351,7 @@ def test_concurrent_refuse_uploads_of_one_name_store_exactly_one_whole_file(box:
     assert [r for _, r in got if r != "race.bin"] == [Reply.EXISTS] * 9
     i = winners[0][0]
     assert (box / "race.bin").read_bytes() == bytes([i]) * (256 * 1024 + i)
-    assert entries(box) == ["race.bin"]
+    assert os.listdir(box) == ["race.bin"]
 
 
 def test_concurrent_rename_uploads_of_one_name_store_ten_distinct_whole_files(
@@ -381,7 +375,7 @@ def test_max_file_size_refuses_a_larger_announced_size(box: Path) -> None:
             s.begin("a", 101)
         refused(ei, Reply.TOO_LARGE, "too large")
         s.begin("b", 100).abort()
-    assert entries(box) == []
+    assert os.listdir(box) == []
 
 
 def test_max_file_size_stops_an_unknown_size_upload(box: Path) -> None:
@@ -391,7 +385,7 @@ def test_max_file_size_stops_an_unknown_size_upload(box: Path) -> None:
         with pytest.raises(Refused) as ei:
             up.write(b"x")
     refused(ei, Reply.TOO_LARGE, "too large")
-    assert entries(box) == []
+    assert os.listdir(box) == []
 
 
 def test_quota_counts_stored_files(box: Path) -> None:
@@ -448,7 +442,7 @@ def test_unknown_size_rechecks_quota_at_each_64_mib(box: Path) -> None:
         with pytest.raises(Refused) as ei:
             up.write(chunk)  # 64 MiB written: the claim becomes 128 MiB
     refused(ei, Reply.TOO_LARGE, "quota")
-    assert entries(box) == []
+    assert os.listdir(box) == []
 
 
 def _fake_statvfs(free: int) -> Callable[[object], SimpleNamespace]:
@@ -462,7 +456,7 @@ def test_min_free_refuses_with_452(box: Path, monkeypatch: pytest.MonkeyPatch) -
             s.begin("a", 6 * MiB + 1)
         refused(ei, Reply.INSUFFICIENT_STORAGE, "insufficient storage")
         s.begin("a", 6 * MiB).abort()
-    assert entries(box) == []
+    assert os.listdir(box) == []
 
 
 def test_min_free_subtracts_other_uploads_reservations(
@@ -509,7 +503,7 @@ def test_disk_full_is_452_and_leaves_no_temp(tiny_fs: Path) -> None:
                 up.write(b"x" * (64 * 1024))
             up.commit()
         refused(ei, Reply.INSUFFICIENT_STORAGE, "insufficient storage")
-        assert entries(tiny_fs) == []
+        assert os.listdir(tiny_fs) == []
         up2 = s.begin("small", 5)
         up2.write(b"hello")
         assert up2.commit() == "small"
@@ -561,7 +555,7 @@ def test_sweep_removes_only_old_unlocked_temps(tmp_path: Path, box: Path) -> Non
     finally:
         release.set()
         holder.join(timeout=30)
-    assert sorted(entries(box)) == sorted([young, locked, lookalike, "stored.tar", symlinked])
+    assert sorted(os.listdir(box)) == sorted([young, locked, lookalike, "stored.tar", symlinked])
     assert outside.read_bytes() == b"keep"
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from rstash import boxlock
 from rstash import store as store_mod
 from rstash.errors import Outcome, Reply
 from rstash.store import UNKNOWN_RESERVE, BoxStore, Refused, scan_usage
@@ -32,10 +31,6 @@ def no_tmpfile(monkeypatch: pytest.MonkeyPatch) -> None:
     # A kernel without O_TMPFILE sees only its O_DIRECTORY part: open(".", O_RDWR|O_DIRECTORY)
     # of the box fails with EISDIR, and the store falls back to the named temp.
     monkeypatch.setattr(store_mod, "_TMPFILE_FLAGS", os.O_DIRECTORY | os.O_RDWR | os.O_CLOEXEC)
-
-
-def entries(box: Path) -> list[str]:
-    return [n for n in os.listdir(box) if n != boxlock.LOCK_NAME]
 
 
 def swap_temp(box: Path, temp_name: str) -> None:
@@ -71,7 +66,7 @@ def test_without_o_tmpfile_a_swapped_temp_is_unlinked_and_refused(
     assert e.value.reply == Reply.LOCAL_ERROR
     assert "no longer holds the verified file" in (e.value.detail or "")
     assert not (box / "a").exists()
-    assert [n for n in entries(box) if not n.startswith(".rstash-tmp-")] == []
+    assert [n for n in os.listdir(box) if not n.startswith(".rstash-tmp-")] == []
 
 
 def test_without_o_tmpfile_an_untouched_upload_is_stored(box: Path, no_tmpfile: None) -> None:
@@ -80,7 +75,7 @@ def test_without_o_tmpfile_an_untouched_upload_is_stored(box: Path, no_tmpfile: 
         up.write(b"good")
         assert up.commit() == "a"
     assert (box / "a").read_bytes() == b"good"
-    assert entries(box) == ["a"]
+    assert os.listdir(box) == ["a"]
 
 
 def test_an_unnamed_upload_still_reserves_for_quota_and_min_free(box: Path) -> None:
