@@ -226,3 +226,81 @@ def test_a_killed_receivers_temp_is_swept_through_the_other_and_a_live_one_never
     session_through_b("lease-old")
     assert _eventually(lambda: dead_temp not in _temps(b)), _logs(pair)
     assert "dead.bin" not in _stored(b)
+
+
+# --------------------------------------------------------------------------- the store, raced
+
+
+def _store_race(gluster: GlusterVolume, name: str, attempt: Callable[[Path, int, int], str],
+                racers: int = 8, rounds: int = 15) -> list[list[str]]:
+    """``attempt(box, round, racer)`` in ``racers`` processes at once (racer i through mount
+    i % 2), ``rounds`` times, each round released by one barrier: the outcomes per round."""
+    import multiprocessing
+
+    (gluster.mounts[0] / name).mkdir(mode=0o755)
+    dirs = [m / name for m in gluster.mounts[:2]]
+    assert _eventually(dirs[1].is_dir)
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(racers)
+    results: Any = ctx.Queue()
+
+    def racer(i: int) -> None:
+        out = []
+        for r in range(rounds):
+            barrier.wait(STEP)
+            try:
+                out.append(attempt(dirs[i % 2], r, i))
+            except Exception as exc:  # reported in the round, not lost in a child
+                out.append(f"error {exc!r}")
+        results.put(out)
+
+    procs = [ctx.Process(target=racer, args=(i,)) for i in range(racers)]
+    for p in procs:
+        p.start()
+    per_round: list[list[str]] = [[] for _ in range(rounds)]
+    try:
+        for _ in procs:
+            for r, outcome in enumerate(results.get(timeout=120)):
+                per_round[r].append(outcome)
+    finally:
+        for p in procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return per_round
+
+
+def test_reservations_raced_through_both_mounts_never_exceed_the_quota(gluster: GlusterVolume) -> None:
+    from rstash.store import BoxStore, Refused
+
+    def attempt(box: Path, r: int, i: int) -> str:
+        try:
+            (box / f"r{r}").mkdir(exist_ok=True)
+            with BoxStore(box / f"r{r}", check_path=False, quota=3000) as s:
+                s.begin(f"f{i}", 1000)  # reserved while the store is open
+                time.sleep(0.5)  # every racer's temp exists at once
+                return "reserved"
+        except Refused as e:
+            return f"refused {e.outcome.name}"
+        except FileExistsError:
+            return "raced mkdir"
+
+    for r, outcomes in enumerate(_store_race(gluster, "quota-race", attempt)):
+        assert outcomes.count("reserved") == 3, (r, outcomes)
+
+
+def test_claims_raced_through_both_mounts_store_one_file_per_name(gluster: GlusterVolume) -> None:
+    from rstash.store import BoxStore, Refused
+
+    def attempt(box: Path, r: int, i: int) -> str:
+        with BoxStore(box, check_path=False) as s:
+            try:
+                up = s.begin(f"n{r}", 8)
+                up.write(f"racer{i:03}".encode())
+                return f"stored {up.commit()}"
+            except Refused as e:
+                return f"refused {e.outcome.name}"
+
+    for r, outcomes in enumerate(_store_race(gluster, "claim-race", attempt, rounds=40)):
+        assert sum(o.startswith("stored") for o in outcomes) == 1, (r, outcomes)
