@@ -140,3 +140,26 @@ def test_writes_renew_the_lease_of_every_open_temp(tmp_path: Path, monkeypatch: 
         assert s.sweep(60) == []
         waiting.abort()
         streaming.abort()
+
+
+def test_pipe_mode_is_refused_for_a_box_on_a_shared_volume(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from rstash import hello as hello_mod
+    from rstash.config import load_config
+    from rstash.errors import Outcome
+    from rstash.hello import HelloJudge
+    from rstash.wire import Hello
+
+    state_dir = tmp_path / "state"
+    state_dir.mkdir(mode=0o700)
+    (tmp_path / "box").mkdir()
+    (tmp_path / "recv.toml").write_text(
+        f'state_dir = "{state_dir}"\n[box.vm1]\npath = "{tmp_path / "box"}"\n'
+        f'keys = ["{tmp_path / "vm1.key"}"]\npipe_mode = true\n')
+    judge = HelloJudge(load_config(tmp_path / "recv.toml"), {"vm1": []})
+    monkeypatch.setattr(statedir, "may_be_shared", lambda path: True)
+    hello = Hello.__new__(Hello)  # never read: the refusal comes before the replay cache
+    verdict = judge.judge_pipe(judge.cfg.boxes["vm1"], hello)
+    assert verdict is not None and verdict.outcome is Outcome.SESSION_ERROR
+    assert verdict.detail == hello_mod.SHARED_PIPE
+    assert not any(state_dir.iterdir())  # no replay cache made for it
