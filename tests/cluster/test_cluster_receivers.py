@@ -304,3 +304,27 @@ def test_claims_raced_through_both_mounts_store_one_file_per_name(gluster: Glust
 
     for r, outcomes in enumerate(_store_race(gluster, "claim-race", attempt, rounds=40)):
         assert sum(o.startswith("stored") for o in outcomes) == 1, (r, outcomes)
+
+
+def test_a_pipe_stream_through_either_receiver_is_refused_and_never_stored(
+        gluster: GlusterVolume, e2e_venv: Path, e2e_dir: Path, spawn: ProcGroup) -> None:
+    import shutil
+
+    nc = shutil.which("nc")
+    assert nc, "nc is needed"
+    pair = _pair(gluster, e2e_venv, e2e_dir, spawn, "pipe", pipe_mode=True)
+    src = _sources(e2e_dir, 1, "once.bin", 1000)[0]
+    maker = spawn([venv_bin(e2e_venv, "rstash-send"), "--stdout", "-k", str(pair.boxes[0].client_key),
+                   "pipe", str(src)], name=unique("stream"), env=client_env(e2e_dir))
+    assert maker.wait(STEP) == 0, maker.describe()
+    replies = []
+    for i in (0, 1):  # delivered through A, replayed through B: neither may store it
+        with open(maker.stdout_path, "rb") as f:
+            p = spawn([nc, "-N", "127.0.0.1", str(pair.ports[i])], stdin=f, name=unique("nc"))
+        p.wait(STEP)
+        replies.append(p.stdout_path.read_bytes().decode("ascii", "replace"))
+    for reply in replies:
+        assert "451 local error" in reply and "250 " not in reply, reply
+    assert _stored(pair.boxes[1]) == {}
+    logs = _logs(pair)
+    assert logs.count("pipe mode refused: the box is on a network or cluster file system") >= 2, logs
