@@ -22,7 +22,6 @@ from typing import Any, Literal
 from rstash.config import BoxConfig, Config, load_config
 from rstash.errors import ConfigError, KeyFileError, RstashError
 from rstash.sshlogin import reached_by
-from rstash.statedir import may_be_shared
 from rstash.units import human_age, human_size
 
 Level = Literal["error", "warning", "info"]
@@ -207,11 +206,6 @@ def _check_box(box: BoxConfig, cfg: Config, user: ServiceUser, report: Report) -
     report.add(name, "info", reached_by(box))
     if box.auth != "key" and box.pipe_mode and not box.keys:
         report.add(name, "warning", "pipe_mode is on but a pipe stream needs a box key, and the box has none")
-    if may_be_shared(box.path):
-        report.add(name, "warning", f"path {box.path} is on a network or cluster file system: "
-                   "--status and --metrics show only this receiver's deliveries"
-                   + ("; pipe mode is refused (a replay through another receiver would not be "
-                      "seen)" if box.pipe_mode else "") + " (rstash-recv(8) SCALING)")
     if box.on_receive:
         report.add(name, "info", f"on_receive {_words(box.on_receive)}")
     _check_retention(box, user, report)
