@@ -81,8 +81,9 @@ def _pair(gluster: GlusterVolume, venv: Path, e2e_dir: Path, spawn: ProcGroup, n
         log = e2e_dir / f"recv-{tag}.log"
         log.touch(mode=0o640)
         user.chown(log)
+        # Every sender comes from 127.0.0.1: room for all of them before authentication.
         conf = write_config(e2e_dir, [box], path=e2e_dir / f"recv-{tag}.toml",
-                            state_dir=str(state), log=str(log))
+                            state_dir=str(state), log=str(log), max_preauth_per_peer=WAVE)
         port = free_port()
         proc = start_recv(spawn, venv, conf, f"127.0.0.1:{port}", name=f"recv-{tag}")
         wait_for_port("127.0.0.1", port, proc=proc)
@@ -95,7 +96,8 @@ def _pair(gluster: GlusterVolume, venv: Path, e2e_dir: Path, spawn: ProcGroup, n
 
 def _send(spawn: ProcGroup, venv: Path, e2e_dir: Path, pair: Pair, i: int, src: Path,
           name: str | None = None, stdin: Any = subprocess.DEVNULL) -> Proc:
-    argv = [venv_bin(venv, "rstash-send"), "-k", str(pair.boxes[0].client_key), "--no-progress"]
+    argv = [venv_bin(venv, "rstash-send"), "-k", str(pair.boxes[0].client_key), "--no-progress",
+            "--busy-wait", str(int(STEP))]
     if name is not None:
         argv += ["--name", name]
     return spawn([*argv, pair.url(i), str(src)], name=unique("send"), env=client_env(e2e_dir),
