@@ -28,6 +28,7 @@ import struct
 from collections.abc import Iterable
 
 from rstash.errors import StoreError
+from rstash.statedir import may_be_shared
 
 _WALK_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -162,4 +163,8 @@ def box_path_findings(path: str, service_uid: int) -> tuple[list[str], list[str]
                                 "access beyond its mode bits: check it with getfacl")
         finally:
             os.close(fd)
+    if may_be_shared(path):
+        warnings.append("it is on a network or cluster file system: --status and --metrics show "
+                        "only this receiver's deliveries, and pipe mode is refused for it (a replay "
+                        "through another receiver would not be seen; rstash-recv(8) SCALING)")
     return errors, warnings

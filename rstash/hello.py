@@ -31,6 +31,11 @@ from rstash.sshlogin import SshLogin
 DUMMY_KEY = auth.Key(secrets.token_bytes(auth.KEY_LEN), "dummy")
 
 
+#: Why pipe mode is refused for a box on a shared volume (rstash-recv(8) SCALING).
+SHARED_PIPE = ("pipe mode refused: the box is on a network or cluster file system, and a replay "
+               "through another receiver would not be seen by this receiver's replay cache")
+
+
 @dataclass(frozen=True)
 class Verdict:
     """What a HELLO earned. ``outcome`` None: authenticated with ``box``, ``key`` and ``keys``."""
@@ -194,7 +199,11 @@ class HelloJudge:
             return Verdict(Outcome.PIPE_MODE_OFF, box, reason="pipe mode off")
         from rstash import state
         from rstash.replay import BelowFloor, BoxMark
-        from rstash.statedir import check_state_dir
+        from rstash.statedir import check_state_dir, may_be_shared
+
+        if may_be_shared(box.path):
+            # Fails closed: another receiver sharing the box keeps its own replay cache.
+            return Verdict(Outcome.SESSION_ERROR, box, detail=SHARED_PIPE)
 
         try:
             problem = check_state_dir(self.cfg.state_dir)

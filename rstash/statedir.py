@@ -15,7 +15,11 @@ import stat
 #: File systems on which the replay cache is refused: SQLite's WAL needs
 #: shared memory and POSIX locks that hold across every writer, which network
 #: file systems do not promise (rstash(7) rule 2).
-NETWORK_FSTYPES = frozenset({"nfs", "nfs4", "cifs", "smb3", "fuse.sshfs", "9p"})
+NETWORK_FSTYPES = frozenset({
+    "nfs", "nfs4", "cifs", "smb3", "fuse.sshfs", "9p",
+    # Cluster file systems several receivers share (rstash-recv(8) SCALING).
+    "fuse.glusterfs", "glusterfs", "ceph", "fuse.ceph", "lustre", "gpfs", "beegfs",
+})
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 
 
@@ -57,6 +61,24 @@ def fstype_of(path: str, mountinfo: str) -> str | None:
             if best is None or len(point) >= best[0]:
                 best = (len(point), fstype)
     return None if best is None else best[1]
+
+
+def read_mountinfo() -> str | None:
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            return os.fsdecode(f.read())
+    except OSError:
+        return None
+
+
+def may_be_shared(path: str | os.PathLike[str], mountinfo: str | None = None) -> bool:
+    """Whether another host may mount the file system holding ``path``: a network or
+    cluster file system, any FUSE one, or one we cannot tell (fails towards shared)."""
+    text = read_mountinfo() if mountinfo is None else mountinfo
+    if text is None:
+        return True
+    fstype = fstype_of(os.path.realpath(os.fspath(path)), text)
+    return fstype is None or fstype in NETWORK_FSTYPES or fstype.startswith("fuse")
 
 
 def check_state_dir(path: str | os.PathLike[str], *, mountinfo: str | None = None,

@@ -22,17 +22,24 @@ It must never:
   directory, is never followed.
 
 Reservations live on disk, not in memory: a temp's name carries its announced
-size, so every session in every process sees every other session's claim by
-scanning the directory under ``flock`` on the directory descriptor. There is no
-shared state to corrupt and nothing to clean up but the temps themselves.
+size, so every session in every process, on every receiver sharing the box,
+sees every other session's claim by scanning the directory under the box lock
+(:mod:`rstash.boxlock`: the directory's flock on a local file system, an OFD
+lock on ``.rstash-lock`` where another host may mount the box; it also
+serialises the claim of final names). There is no shared state to corrupt and nothing to
+clean up but the temps themselves.
+
+A temp is alive while its session holds its OFD lock and keeps its mtime
+recent (every write renews the mtime of every open temp of the store): the
+sweep removes a temp only when both say it is dead, so a lock lost with a
+restarted storage server or a file system whose locks are node-local never
+lets one receiver sweep another's live temp (rstash-recv(8) SCALING).
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
-import re
 import secrets
 import stat
 import time
@@ -41,23 +48,22 @@ from dataclasses import replace
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from rstash import boxlock
+from rstash.boxlock import BoxLock
 from rstash.boxpath import open_box_dir
 from rstash.errors import Outcome, Refused, StoreError
-from rstash.fsreserve import FsReservations
+from rstash.fsreserve import TEMP_PREFIX, TEMP_RE, FsReservations, scan_usage
 from rstash.names import name_problem
-from rstash.partials import usage as partials_usage
 from rstash.settings import BoxPolicy
+from rstash.statedir import may_be_shared
 from rstash.upload import UNKNOWN_RESERVE, SizeMismatch, Upload, from_oserror, no_space
 
 if TYPE_CHECKING:
     from rstash.config import BoxConfig
 
-__all__ = ["UNKNOWN_RESERVE", "BoxStore", "Refused", "SizeMismatch", "Upload"]
+__all__ = ["TEMP_PREFIX", "TEMP_RE", "UNKNOWN_RESERVE", "BoxStore", "Refused", "SizeMismatch",
+           "Upload", "scan_usage"]
 
-TEMP_PREFIX = ".rstash-tmp-"
-#: Only names of exactly this shape are ever treated as temps (counted as
-#: reservations, swept). A client cannot create one: names may not begin with ".".
-TEMP_RE = re.compile(r"\.rstash-tmp-[0-9a-f]{32}\.(?P<size>[0-9]{1,20}|u)\Z")
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -67,14 +73,8 @@ _TMPFILE_FLAGS = getattr(os, "O_TMPFILE", 0) | os.O_RDWR | os.O_CLOEXEC
 _NO_TMPFILE = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT})
 #: O_NONBLOCK: a FIFO planted under a temp-like name must not hang the sweep.
 _SWEEP_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-def _temp_reservation(match: re.Match[str], st_size: int) -> tuple[int, int]:
-    """(quota usage, outstanding free-space reservation) of one temp."""
-    size = match.group("size")
-    if size == "u":
-        # Bytes written are already on disk; the next UNKNOWN_RESERVE are promised.
-        return st_size + UNKNOWN_RESERVE, UNKNOWN_RESERVE
-    announced = int(size)
-    return max(st_size, announced), max(announced - st_size, 0)
+#: Seconds between renewals of the open temps' mtime leases (far below any idle_timeout).
+LEASE_RENEW = 1.0
 
 
 class BoxStore:
@@ -106,6 +106,11 @@ class BoxStore:
         self.allow_names = self.policy.allow_names
         self.deny_names = self.policy.deny_names
         self._uploads: set[Upload] = set()
+        #: box directory fd -> its lock file's fd, opened at the first lock
+        self._lock_fds: dict[int, int] = {}
+        self._renewed = time.monotonic()
+        #: another host may mount the box: the box lock is the OFD lock on .rstash-lock
+        self.shared = may_be_shared(self.path)
         self.keep_readers = keep_readers
         self.dir_fd: int = -1
         if check_path:
@@ -137,6 +142,9 @@ class BoxStore:
         for upload in list(self._uploads):
             upload.abort()
         self._fs.close()
+        for fd in self._lock_fds.values():
+            os.close(fd)
+        self._lock_fds = {}
         if self.dir_fd >= 0:
             os.close(self.dir_fd)
             self.dir_fd = -1
@@ -186,9 +194,10 @@ class BoxStore:
             except OSError as exc:
                 raise from_oserror("create temp", exc) from exc
             try:
-                # Held for the temp's whole life: the sweep never removes a temp
-                # a live session holds, however slow the client.
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                # Held for the temp's whole life, on every receiver's view: the
+                # sweep never removes a temp a live session holds.
+                if not boxlock.try_lock(fd):
+                    raise OSError(errno.EAGAIN, "a fresh temp is locked by someone else")
                 # umask-proof: the temp is never readable by the box's group,
                 # and stays writable/lockable by the service user even under umask 0777.
                 os.fchmod(fd, 0o600)
@@ -259,11 +268,13 @@ class BoxStore:
                 if not stat.S_ISREG(st.st_mode):
                     continue
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    # Shared: two receivers sweeping at once both see it dead.
+                    if not boxlock.try_lock(fd, shared=True):
+                        continue  # a live session holds it
                 except OSError:
-                    continue  # a live session holds it
-                if time.time() - st.st_mtime <= older_than:
                     continue
+                if time.time() - st.st_mtime <= older_than:
+                    continue  # its lease is live (a lock may be lost, the lease is not)
                 # The entry must still be the inode we locked: someone with write
                 # access to the box may have swapped it since we opened it.
                 try:
@@ -309,11 +320,36 @@ class BoxStore:
     def new_temp_name(self, size: int | None) -> str:
         return f"{TEMP_PREFIX}{secrets.token_hex(16)}.{'u' if size is None else size}"
 
-    def _dir_lock(self) -> _DirLock:
+    def _dir_lock(self) -> BoxLock:
         # min_free is about the file system: every box on it is locked (in one
         # order for every process), so the check and the reservation stay atomic.
-        return _DirLock(self._fs.lock_order(self.dir_fd) if self.min_free is not None
-                        else [self.dir_fd])
+        dirs = self._fs.lock_order(self.dir_fd) if self.min_free is not None else [self.dir_fd]
+        return BoxLock([self._lock_fd(fd) for fd in dirs], ofd=self.shared)
+
+    def box_lock(self) -> BoxLock:
+        """This box's lock alone: held to claim a final name and fsync the directory."""
+        return BoxLock([self._lock_fd(self.dir_fd)], ofd=self.shared)
+
+    def _lock_fd(self, dir_fd: int) -> int:
+        if not self.shared:
+            return dir_fd  # one host mounts it: the directory's flock excludes every process
+        fd = self._lock_fds.get(dir_fd)
+        if fd is None:
+            try:
+                fd = self._lock_fds[dir_fd] = boxlock.open_lock_file(dir_fd)
+            except OSError as exc:
+                raise from_oserror(f"open {boxlock.LOCK_NAME}", exc) from exc
+        return fd
+
+    def renew_leases(self) -> None:
+        """Touch every open temp of this store (at most every LEASE_RENEW s): their mtime
+        is the lease a sweep on another receiver reads, also while a batch waits for commit."""
+        now = time.monotonic()
+        if now - self._renewed < LEASE_RENEW:
+            return
+        self._renewed = now
+        for upload in self._uploads:
+            upload.renew_lease()
 
     def _temp_names(self) -> Iterator[str]:
         try:
@@ -366,7 +402,11 @@ class BoxStore:
             pass  # a temp left behind is swept later; never mask the first error
 
     def sync_dir(self) -> None:
-        """fsync the box directory: the names linked so far are durable after it."""
+        """fsync the box directory under the box lock: the names linked so far are durable."""
+        with self.box_lock():
+            self._sync_dir_unlocked()
+
+    def _sync_dir_unlocked(self) -> None:
         try:
             self._sync_dir()
         except OSError as exc:
@@ -377,61 +417,3 @@ class BoxStore:
 
     def _sync_dir(self) -> None:
         os.fsync(self.dir_fd)
-
-
-def scan_usage(dir_fd: int) -> tuple[int, int]:
-    """(quota usage, outstanding reservations) of one box directory, from one scan."""
-    usage = 0
-    reserved = 0
-    try:
-        with os.scandir(dir_fd) as it:
-            for entry in it:
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue  # vanished between readdir and stat
-                if not stat.S_ISREG(st.st_mode):
-                    continue
-                match = TEMP_RE.match(entry.name)
-                if match is None:
-                    usage += st.st_size
-                else:
-                    used, outstanding = _temp_reservation(match, st.st_size)
-                    usage += used
-                    reserved += outstanding
-    except OSError as exc:
-        raise from_oserror("scan box", exc) from exc
-    # Partial transfers kept for resume claim the box too (rstash-recv.toml(5) resume_ttl).
-    kept, outstanding = partials_usage(dir_fd)
-    return usage + kept, reserved + outstanding
-
-
-class _DirLock:
-    """flock(LOCK_EX) on the box directory: serialises limit checks and reservations
-    across every session of every process, and nothing else."""
-
-    def __init__(self, fds: list[int]) -> None:
-        self.fds = fds
-        self.held: list[int] = []
-
-    def __enter__(self) -> None:
-        try:
-            for fd in self.fds:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                self.held.append(fd)
-        except OSError as exc:
-            self._release()
-            raise from_oserror("lock box", exc) from exc
-
-    def _release(self) -> None:
-        for fd in reversed(self.held):
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        self.held = []
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._release()

@@ -86,7 +86,7 @@ class Upload:
         self.temp_name = temp_name
         self.announced = announced
         self.written = 0
-        #: the named temp: the reservation, and its flock keeps the sweep away
+        #: the named temp: the reservation; its OFD lock and mtime lease keep the sweep away
         self._fd = fd
         #: where the bytes go: an unnamed O_TMPFILE, or the named temp itself
         self._data_fd = fd if data_fd is None else data_fd
@@ -132,6 +132,7 @@ class Upload:
                     os.ftruncate(self._fd, self.written)
                 except OSError as exc:
                     raise from_oserror("reserve", exc) from exc
+            self.store.renew_leases()
             if self.announced is None and (
                 self.written // UNKNOWN_RESERVE > before // UNKNOWN_RESERVE
             ):
@@ -171,17 +172,21 @@ class Upload:
             except OSError as exc:
                 raise from_oserror("fchmod", exc) from exc
             self.identity = (st.st_dev, st.st_ino)
-            if store.overwrite == "replace":
-                final = self._replace()
-            else:
-                final = self._link_first_free()
-                # The final name holds the inode now; the temp link is redundant.
-                store._unlink_quietly(self.temp_name)
-            self._check_identity(final)
+            # The box lock serialises claims of every receiver sharing the box:
+            # link() alone is not atomic on a distributed volume, and unlocked
+            # renames onto one name from two clients can hang there.
+            with store.box_lock():
+                if store.overwrite == "replace":
+                    final = self._replace()
+                else:
+                    final = self._link_first_free()
+                    # The final name holds the inode now; the temp link is redundant.
+                    store._unlink_quietly(self.temp_name)
+                self._check_identity(final)
+                if sync_dir:
+                    store._sync_dir_unlocked()
             if store.keep_readers:
                 self.reader_fd = self._reopen_readonly()
-            if sync_dir:
-                store.sync_dir()
         except BaseException:
             self.close_reader()
             self.abort()
@@ -202,6 +207,14 @@ class Upload:
             self.store._unlink_quietly(final)
             raise local_error(f"{final!r} no longer holds the verified file (swapped by "
                               "someone with write access to the box)")
+
+    def renew_lease(self) -> None:
+        """Stamp the named temp's mtime: the lease a sweep on any receiver reads."""
+        if self._fd >= 0:
+            try:
+                os.utime(self._fd)
+            except OSError:
+                pass  # the next write or fsync reports a broken volume
 
     def close_reader(self) -> None:
         if self.reader_fd is not None:
@@ -297,4 +310,4 @@ class Upload:
             if self._data_fd != fd:
                 os.close(self._data_fd)  # an unlinked O_TMPFILE vanishes here
             self._data_fd = -1
-            os.close(fd)  # releases the temp's flock
+            os.close(fd)  # releases the temp's OFD lock

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import fcntl
 import multiprocessing
 import os
 import stat
@@ -16,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from rstash import boxlock
 from rstash import store as store_mod
 from rstash.errors import Reply, StoreError
 from rstash.store import UNKNOWN_RESERVE, BoxStore, Refused, SizeMismatch
@@ -522,8 +522,9 @@ def _temp(box: Path, size: str, age: float) -> str:
 
 
 def _hold_lock(path: str, ready: Any, release: Any) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    fcntl.flock(fd, fcntl.LOCK_EX)
+    # What a live session holds on its temp, on any receiver: an exclusive OFD lock.
+    fd = os.open(path, os.O_RDWR)
+    assert boxlock.try_lock(fd)
     ready.set()
     release.wait(timeout=60)
 
