@@ -22,9 +22,19 @@ from typing import Any
 
 import pytest
 
-from e2e_support import Box, Proc, ProcGroup, free_port, make_box, service_user, wait_for_port, write_config
+from e2e_support import (
+    Box,
+    Proc,
+    ProcGroup,
+    free_port,
+    make_box,
+    service_user,
+    venv_bin,
+    wait_for_port,
+    write_config,
+)
 from gluster_support import GlusterVolume
-from test_serve import STEP, client_env, start_recv, unique, venv_bin
+from test_serve import STEP, client_env, start_recv, unique
 
 pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("gluster", ["distribute"], indirect=True)]
 
