@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from rstash import boxlock
 from rstash.errors import Reply, StoreError
 from rstash.store import UNKNOWN_RESERVE, BoxStore, Refused
 
@@ -280,14 +281,10 @@ def test_a_failing_box_lock_is_451(box: Path, monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_a_failing_temp_lock_is_451_and_leaves_no_temp(box: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_flock = fcntl.flock
+    def try_lock(fd: int, *, shared: bool = False) -> bool:
+        raise OSError(errno.ENOLCK, "No locks available")
 
-    def flock(fd: int, op: int) -> None:
-        if stat_is_reg(fd):
-            raise OSError(errno.ENOLCK, "No locks available")
-        real_flock(fd, op)
-
-    monkeypatch.setattr(fcntl, "flock", flock)
+    monkeypatch.setattr(boxlock, "try_lock", try_lock)  # the temp's own lock (rstash.boxlock)
     with BoxStore(box) as s, pytest.raises(Refused) as ei:
         s.begin("a", 1)
     assert ei.value.reply == Reply.LOCAL_ERROR
@@ -343,15 +340,16 @@ def swap_after_lock(box: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict
     """Run ``hook["swap"](fd)`` once, right after the sweep has locked the temp open as
     ``fd`` (a race made certain)."""
     hook: dict[str, Callable[[int], None]] = {"swap": lambda fd: None}
-    real_flock = fcntl.flock
+    real_try_lock = boxlock.try_lock
 
-    def flock(fd: int, op: int) -> None:
-        real_flock(fd, op)
-        if op & fcntl.LOCK_NB:
+    def try_lock(fd: int, *, shared: bool = False) -> bool:
+        got = real_try_lock(fd, shared=shared)
+        if shared:  # the sweep's lock on a temp it found
             swap, hook["swap"] = hook["swap"], lambda fd: None
             swap(fd)
+        return got
 
-    monkeypatch.setattr(fcntl, "flock", flock)
+    monkeypatch.setattr(boxlock, "try_lock", try_lock)
     yield hook
 
 
@@ -741,14 +739,10 @@ def test_an_unnamed_temp_that_fails_for_another_reason_than_support_is_refused(
 
 
 def test_a_failing_temp_lock_is_named(box: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_flock = fcntl.flock
+    def try_lock(fd: int, *, shared: bool = False) -> bool:
+        raise OSError(errno.ENOLCK, "No locks available")
 
-    def flock(fd: int, op: int) -> None:
-        if stat_is_reg(fd):
-            raise OSError(errno.ENOLCK, "No locks available")
-        real_flock(fd, op)
-
-    monkeypatch.setattr(fcntl, "flock", flock)
+    monkeypatch.setattr(boxlock, "try_lock", try_lock)  # the temp's own lock (rstash.boxlock)
     with BoxStore(box) as s, pytest.raises(Refused) as ei:
         s.begin("a", 1)
     assert ei.value.detail == "lock temp: No locks available"
