@@ -302,6 +302,16 @@ def _key_status(cfg: Config, rows: list[dict[str, Any]], only: str | None) -> li
     return out
 
 
+def _last_line(what: str, event: dict[str, Any] | None, never: str, now: float,
+               detail: str | None) -> str:
+    """One "last stored" or "last refused" line of the status."""
+    if event is None:
+        return f"  last {what:<9}{never}\n"
+    name = event["name"] or ("" if what == "stored" else "-")
+    return (f"  last {what:<9}{_word(name)} {event['time']} "
+            f"({human_age(now - event['timestamp'])} ago) {detail}{_from(event)}\n")
+
+
 def _print_status(result: dict[str, Any], out: TextIO) -> None:
     now = time.time()
     # Before the server's first session there is no database: not the same as "never".
@@ -315,20 +325,9 @@ def _print_status(result: dict[str, Any], out: TextIO) -> None:
         if not b["configured"]:
             flags.append("(not in the config)")
         out.write(f"box {_word(b['box'])}{''.join(' ' + f for f in flags)}\n")
-        s = b["last_stored"]
-        if s is None:
-            out.write(f"  last stored   {never}\n")
-        else:
-            out.write(f"  last stored   {_word(s['name'] or '')} {s['time']} "
-                      f"({human_age(now - s['timestamp'])} ago) {human_size(int(s['bytes']))}"
-                      f"{_from(s)}\n")
-        r = b["last_refused"]
-        if r is None:
-            out.write(f"  last refused  {never}\n")
-        else:
-            out.write(f"  last refused  {_word(r['name'] or '-')} {r['time']} "
-                      f"({human_age(now - r['timestamp'])} ago) {r['code']} {r['outcome']}"
-                      f"{_from(r)}\n")
+        s, r = b["last_stored"], b["last_refused"]
+        out.write(_last_line("stored", s, never, now, s and human_size(int(s["bytes"]))))
+        out.write(_last_line("refused", r, never, now, r and f"{r['code']} {r['outcome']}"))
         removed = f", {b['removed_24h']} removed by retention" \
             if b.get("removed_24h") or b.get("retention") else ""
         out.write(f"  last 24 h     {b['stored_24h']} stored, {b['refused_24h']} refused{removed}\n")
