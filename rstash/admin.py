@@ -50,6 +50,16 @@ def _err(line: str) -> None:
     sys.stderr.write(f"{PROG}: {line}\n")
 
 
+def config_or_report(path: str) -> Config | None:
+    """The configuration at ``path``, or None once each of its problems is on stderr."""
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        for problem in e.problems:
+            _err(problem)
+        return None
+
+
 def test_config(path: str, user: str | None = None) -> int:
     """``-t``: silent; exit 0 when every box can receive, else 1 and the errors on stderr.
 
@@ -123,11 +133,8 @@ def dump_config(path: str, *, as_json: bool) -> int:
     """``--dump-config``: the effective settings, like ``sshd -T``; exit 1 on a bad config."""
     from rstash import config
 
-    try:
-        cfg = load_config(path)
-    except ConfigError as e:
-        for problem in e.problems:
-            _err(problem)
+    cfg = config_or_report(path)
+    if cfg is None:
         return Exit.REFUSED
     data = config.dump_config(cfg)
     out = sys.stdout
@@ -191,11 +198,8 @@ def status(path: str, box: str | None, *, as_json: bool, stale_after: str | None
         except ValueError as e:
             _err(f"--stale-after: {e}")
             return Exit.LOCAL
-    try:
-        cfg = load_config(path)
-    except ConfigError as e:
-        for problem in e.problems:
-            _err(problem)
+    cfg = config_or_report(path)
+    if cfg is None:
         return Exit.REFUSED
     state = StateDB(cfg.state_dir, readonly=True)
     try:
