@@ -50,6 +50,16 @@ def _err(line: str) -> None:
     sys.stderr.write(f"{PROG}: {line}\n")
 
 
+def config_or_report(path: str) -> Config | None:
+    """The configuration at ``path``, or None once each of its problems is on stderr."""
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        for problem in e.problems:
+            _err(problem)
+        return None
+
+
 def test_config(path: str, user: str | None = None) -> int:
     """``-t``: silent; exit 0 when every box can receive, else 1 and the errors on stderr.
 
@@ -123,11 +133,8 @@ def dump_config(path: str, *, as_json: bool) -> int:
     """``--dump-config``: the effective settings, like ``sshd -T``; exit 1 on a bad config."""
     from rstash import config
 
-    try:
-        cfg = load_config(path)
-    except ConfigError as e:
-        for problem in e.problems:
-            _err(problem)
+    cfg = config_or_report(path)
+    if cfg is None:
         return Exit.REFUSED
     data = config.dump_config(cfg)
     out = sys.stdout
@@ -191,11 +198,8 @@ def status(path: str, box: str | None, *, as_json: bool, stale_after: str | None
         except ValueError as e:
             _err(f"--stale-after: {e}")
             return Exit.LOCAL
-    try:
-        cfg = load_config(path)
-    except ConfigError as e:
-        for problem in e.problems:
-            _err(problem)
+    cfg = config_or_report(path)
+    if cfg is None:
         return Exit.REFUSED
     state = StateDB(cfg.state_dir, readonly=True)
     try:
@@ -302,6 +306,16 @@ def _key_status(cfg: Config, rows: list[dict[str, Any]], only: str | None) -> li
     return out
 
 
+def _last_line(what: str, event: dict[str, Any] | None, never: str, now: float,
+               detail: str | None) -> str:
+    """One "last stored" or "last refused" line of the status."""
+    if event is None:
+        return f"  last {what:<9}{never}\n"
+    name = event["name"] or ("" if what == "stored" else "-")
+    return (f"  last {what:<9}{_word(name)} {event['time']} "
+            f"({human_age(now - event['timestamp'])} ago) {detail}{_from(event)}\n")
+
+
 def _print_status(result: dict[str, Any], out: TextIO) -> None:
     now = time.time()
     # Before the server's first session there is no database: not the same as "never".
@@ -315,20 +329,9 @@ def _print_status(result: dict[str, Any], out: TextIO) -> None:
         if not b["configured"]:
             flags.append("(not in the config)")
         out.write(f"box {_word(b['box'])}{''.join(' ' + f for f in flags)}\n")
-        s = b["last_stored"]
-        if s is None:
-            out.write(f"  last stored   {never}\n")
-        else:
-            out.write(f"  last stored   {_word(s['name'] or '')} {s['time']} "
-                      f"({human_age(now - s['timestamp'])} ago) {human_size(int(s['bytes']))}"
-                      f"{_from(s)}\n")
-        r = b["last_refused"]
-        if r is None:
-            out.write(f"  last refused  {never}\n")
-        else:
-            out.write(f"  last refused  {_word(r['name'] or '-')} {r['time']} "
-                      f"({human_age(now - r['timestamp'])} ago) {r['code']} {r['outcome']}"
-                      f"{_from(r)}\n")
+        s, r = b["last_stored"], b["last_refused"]
+        out.write(_last_line("stored", s, never, now, s and human_size(int(s["bytes"]))))
+        out.write(_last_line("refused", r, never, now, r and f"{r['code']} {r['outcome']}"))
         removed = f", {b['removed_24h']} removed by retention" \
             if b.get("removed_24h") or b.get("retention") else ""
         out.write(f"  last 24 h     {b['stored_24h']} stored, {b['refused_24h']} refused{removed}\n")

@@ -27,7 +27,6 @@ import fcntl
 import os
 import stat
 import struct
-from types import TracebackType
 
 from rstash.upload import from_oserror
 
@@ -117,10 +116,5 @@ class BoxLock:
                 pass  # a lost lock is the lease's business; never mask the first error
         self.held = []
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self._release()

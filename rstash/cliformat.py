@@ -20,3 +20,9 @@ class HelpFormatter(argparse.HelpFormatter):
         except (ValueError, OSError):
             width = 80
         super().__init__(prog, width=max(width - 2, 40))
+
+
+def parser(prog: str, usage: str, description: str, epilog: str) -> argparse.ArgumentParser:
+    """An argument parser laid out by :class:`HelpFormatter`."""
+    return argparse.ArgumentParser(prog=prog, usage=usage, formatter_class=HelpFormatter,
+                                   description=description, epilog=epilog)

@@ -181,17 +181,19 @@ class Outcome(Enum):
     #: the server's own failure before any file (box directory, replay cache)
     SESSION_ERROR = (Reply.LOCAL_ERROR, "local error", "error", "temporary", Exit.TEMPFAIL)
 
+    #: the reply code, or None when nothing is said on the wire
+    code: int | None
+    #: the reply text after the code
+    text: str
+    #: the word in the log and the delivery log
+    log: str
+    #: rstash-send's --json status
+    status: str
+    #: rstash-send's exit status
+    exit: int
+
     def __init__(self, code: int | None, text: str, log: str, status: str, exit: int) -> None:
-        #: the reply code, or None when nothing is said on the wire
-        self.code = code
-        #: the reply text after the code
-        self.text = text
-        #: the word in the log and the delivery log
-        self.log = log
-        #: rstash-send's --json status
-        self.status = status
-        #: rstash-send's exit status
-        self.exit = exit
+        self.code, self.text, self.log, self.status, self.exit = code, text, log, status, exit
 
     @property
     def line(self) -> str:

@@ -385,11 +385,8 @@ def metrics(path: str, output: str | None) -> int:
     (FILE is still written); 2 when nothing could be read or written."""
     from rstash.store import BoxStore
 
-    try:
-        cfg = load_config(path)
-    except ConfigError as e:
-        for problem in e.problems:
-            _err(problem)
+    cfg = admin.config_or_report(path)
+    if cfg is None:
         return Exit.LOCAL
     db = StateDB(cfg.state_dir, readonly=True)
     try:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rstash.smallfile import sha256_prefix, write_private
 from rstash.upload import Upload
 
 if TYPE_CHECKING:
@@ -241,23 +242,9 @@ class Partials:
         fd = self._dir(create=True, done=done)
         if fd is None:
             raise OSError("cannot open the partials directory")
-        tmp = f"{name}.{secrets.token_hex(8)}.tmp"
         try:
-            wfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                          0o600, dir_fd=fd)
-            try:
-                os.write(wfd, json.dumps(data).encode("ascii"))
-                os.fsync(wfd)
-            finally:
-                os.close(wfd)
-            os.rename(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
-            os.fsync(fd)
-        except OSError:
-            try:
-                os.unlink(tmp, dir_fd=fd)
-            except OSError:
-                pass
-            raise
+            write_private(fd, name, json.dumps(data).encode("ascii"),
+                          f"{name}.{secrets.token_hex(8)}.tmp")
         finally:
             os.close(fd)
 
@@ -365,15 +352,7 @@ class Partials:
     @staticmethod
     def _rehash(fd: int, offset: int) -> Any:
         """SHA-256 state of the first ``offset`` bytes: the one read a resume costs."""
-        h = hashlib.sha256()
-        pos = 0
-        while pos < offset:
-            chunk = os.pread(fd, min(CHUNK, offset - pos), pos)
-            if not chunk:
-                return None
-            h.update(chunk)
-            pos += len(chunk)
-        return h
+        return sha256_prefix(fd, offset, CHUNK)
 
     # -- expiry --
 

@@ -82,18 +82,15 @@ rstash-recv -V | --version"""
 
 
 def _parser() -> argparse.ArgumentParser:
-    import argparse
-
-    from .cliformat import HelpFormatter
+    from . import cliformat
     from .settings import DEFAULT_CONFIG
 
-    p = argparse.ArgumentParser(
-        prog="rstash-recv", usage=USAGE, formatter_class=HelpFormatter,
-        description="Receive files into write-only boxes (rstash-recv(8)).",
-        epilog="Exit status: 0 session ended as the protocol defines / admin check passed; "
-               "1 peer broke the protocol / admin check found a problem; 2 local error. "
-               "--status with --stale-after, --critical-after or --expect is a Nagios check: "
-               "0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.")
+    p = cliformat.parser(
+        "rstash-recv", USAGE, "Receive files into write-only boxes (rstash-recv(8)).",
+        "Exit status: 0 session ended as the protocol defines / admin check passed; "
+        "1 peer broke the protocol / admin check found a problem; 2 local error. "
+        "--status with --stale-after, --critical-after or --expect is a Nagios check: "
+        "0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.")
     p.add_argument("-c", "--config", metavar="FILE", default=DEFAULT_CONFIG,
                    help=f"configuration file (default {DEFAULT_CONFIG})")
     p.add_argument("--box", metavar="NAME", action="append",

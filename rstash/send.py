@@ -16,13 +16,12 @@ import os
 import sys
 import time
 
-from . import PROTOCOL, __version__, auth
+from . import PROTOCOL, __version__, auth, cliformat
 from .client.connect import connect
 from .client.destinations import parse_dest
 from .client.options import Options, Profile
 from .client.session import ServerBusy, complain, run_interactive, run_pipe
 from .client.sources import make_sources
-from .cliformat import HelpFormatter
 from .errors import ConfigError, Exit, KeyFileError, Reply, RstashError, UsageError
 from .names import is_box_name
 
@@ -36,12 +35,11 @@ rstash-send [-F FILE] --profiles [--json]
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="rstash-send", usage=USAGE, formatter_class=HelpFormatter,
-        description="Send files into an rstash box (rstash-send(1)).",
-        epilog="Exit status: 0 all stored; 1 a file refused; 2 usage or local error; "
-               "3 authentication failed; 4 network or ssh failure; 5 protocol error; "
-               "75 temporary refusal, try later.")
+    p = cliformat.parser(
+        "rstash-send", USAGE, "Send files into an rstash box (rstash-send(1)).",
+        "Exit status: 0 all stored; 1 a file refused; 2 usage or local error; "
+        "3 authentication failed; 4 network or ssh failure; 5 protocol error; "
+        "75 temporary refusal, try later.")
     p.add_argument("dest", nargs="?", help="rstash://HOST[:PORT]/BOX, ssh://[USER@]HOST[:PORT]/BOX, "
                    "a profile name (no '://'), or BOX with --stdout")
     p.add_argument("files", nargs="*", metavar="FILE", help="files to send; - for stdin")

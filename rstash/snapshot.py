@@ -52,6 +52,7 @@ from rstash.settings import (
     dump_value,
     settings_fields,
 )
+from rstash.smallfile import write_private
 
 __all__ = ["FORMAT", "load_config", "snapshot_path"]
 
@@ -213,24 +214,9 @@ def _write(key: dict[str, Any], cfg: Config) -> None:
     body = json.dumps({"key": key, "realpaths": _realpaths(cfg), "config": _encode(cfg)},
                       indent=1).encode()
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600, dir_fd=dfd)
-        try:
-            os.fchmod(fd, 0o600)  # whatever the umask
-            view = memoryview(body)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-        os.fsync(dfd)
+        write_private(dfd, name, body, tmp)
     except OSError:
-        # A full or read-only state_dir costs start-up time, never a connection.
-        try:
-            os.unlink(tmp, dir_fd=dfd)
-        except OSError:
-            pass
+        pass  # a full or read-only state_dir costs start-up time, never a connection
     finally:
         os.close(dfd)
 

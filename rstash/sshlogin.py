@@ -26,6 +26,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from rstash.transport import ask_socket
+
 if TYPE_CHECKING:
     from rstash.config import BoxConfig
 
@@ -50,14 +52,7 @@ def stdin_is_network_socket(fd: int = 0) -> bool:
             return False
     except OSError:
         return True
-    try:
-        sock = socket.socket(fileno=os.dup(fd))
-    except OSError:
-        return True
-    try:
-        return sock.family != socket.AF_UNIX
-    finally:
-        sock.close()
+    return ask_socket(fd, lambda s: s.family != socket.AF_UNIX, failed=True)
 
 
 def ssh_login(boxes: frozenset[str] | None, environ: Mapping[str, str] | None = None,

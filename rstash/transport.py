@@ -218,18 +218,22 @@ def is_socket(fd: int) -> bool:
         return False
 
 
-def is_listening_socket(fd: int) -> bool:
-    if not is_socket(fd):
-        return False
+def ask_socket(fd: int, question: Callable[[socket.socket], object], *, failed: bool) -> bool:
+    """``question`` asked of a duplicate of the socket ``fd``; ``failed`` when it cannot be asked."""
     try:
         sock = socket.socket(fileno=os.dup(fd))
     except OSError:
-        return False
+        return failed
     try:
-        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+        return bool(question(sock))
     except OSError:
-        return False
+        return failed
     finally:
         sock.close()
+
+
+def is_listening_socket(fd: int) -> bool:
+    return is_socket(fd) and ask_socket(
+        fd, lambda s: s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN), failed=False)
 
 

@@ -28,6 +28,14 @@ _DURATION_UNITS: dict[str, int] = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400
 _DURATION_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-z]*)\s*\Z")
 
 
+def _match(pattern: re.Pattern[str], units: dict[str, int], value: str, problem: str) -> re.Match[str]:
+    """``value`` matched by ``pattern`` with a known unit in its last group, else ValueError(problem)."""
+    m = pattern.match(value)
+    if m is None or m.group(pattern.groups) not in units:
+        raise ValueError(problem)
+    return m
+
+
 def parse_size(value: str | int) -> int:
     """Bytes in ``value``: an integer, or a number with a unit.
 
@@ -43,13 +51,9 @@ def parse_size(value: str | int) -> int:
     if isinstance(value, int):
         number = value
     else:
-        m = _SIZE_RE.match(value)
-        if m is None or m.group(3) not in _SIZE_UNITS:
-            raise ValueError(
-                f"{value!r} is not a size: write bytes or a number with "
-                "B, KiB, MiB, GiB, TiB, KB, MB, GB or TB (e.g. \"50GiB\")"
-            )
-        whole, frac, unit = m.groups()
+        whole, frac, unit = _match(_SIZE_RE, _SIZE_UNITS, value, (
+            f"{value!r} is not a size: write bytes or a number with "
+            "B, KiB, MiB, GiB, TiB, KB, MB, GB or TB (e.g. \"50GiB\")")).groups()
         if frac and not unit:
             raise ValueError(f"{value!r} is not a size: a bare number of bytes must be whole")
         scale = 10 ** len(frac or "")
@@ -74,13 +78,10 @@ def parse_duration(value: str | int | float) -> float:
     if isinstance(value, int | float):
         seconds = float(value)
     else:
-        m = _DURATION_RE.match(value)
-        if m is None or m.group(2) not in _DURATION_UNITS:
-            raise ValueError(
-                f"{value!r} is not a duration: write seconds or a number with s, m, h or d "
-                "(e.g. \"90s\", \"5m\")"
-            )
-        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        number, unit = _match(_DURATION_RE, _DURATION_UNITS, value, (
+            f"{value!r} is not a duration: write seconds or a number with s, m, h or d "
+            "(e.g. \"90s\", \"5m\")")).groups()
+        seconds = float(number) * _DURATION_UNITS[unit]
     if seconds != seconds or seconds in (float("inf"), float("-inf")):
         raise ValueError(f"{value!r} is not a duration")
     if seconds < 0:

@@ -1,8 +1,8 @@
 """The client's side of transfer ids (rstash-send(1), RESUME; rstash(7) RESUME AND RE-RUNS).
 
-Functions of a :class:`rstash.client.session.Session`: which files get a transfer id, the wait
-for a big file's first line, the check of a ``350`` offer against the file's own first bytes,
-and the check of a ``251`` against the file's whole SHA-256. They must never count a file
+Functions of a :class:`rstash.client.session.Session`: which files get a transfer id, the waits
+for the greeting and for a big file's first line, the check of a ``350`` offer against the
+file's own first bytes, and the check of a ``251`` against the file's whole SHA-256. They must never count a file
 stored without that check, nor resume onto bytes that differ from the file's.
 """
 
@@ -33,15 +33,19 @@ def tid_for(sess: Session, src: Source) -> bytes:
                        name=src.name) or wire.NO_TID
 
 
+def wait_while(sess: Session, state: wire.ClientState, deadline: float, what: str) -> None:
+    """Read until the protocol leaves ``state``; PeerTimeout naming ``what`` past ``deadline``."""
+    while sess.proto.state is state:
+        if time.monotonic() > deadline:
+            raise PeerTimeout(f"timed out waiting for {what}")
+        sess._pump(max(0.01, deadline - time.monotonic()))
+        if sess.proto.state is wire.ClientState.CLOSED:
+            raise TransportError(sess.closed_message())
+
+
 def first_line(sess: Session) -> None:
     """A waited FILE: read until its first line (354, 350, 251 or a refusal) is in."""
-    deadline = sess._deadline()
-    while sess.proto.state is wire.ClientState.WAITING:
-        if time.monotonic() > deadline:
-            raise PeerTimeout("timed out waiting for the server's answer to a file")
-        sess._pump(max(0.01, deadline - time.monotonic()))
-        if sess.proto.state is wire.ClientState.CLOSED:  # type: ignore[comparison-overlap]
-            raise TransportError(sess.closed_message())
+    wait_while(sess, wire.ClientState.WAITING, sess._deadline(), "the server's answer to a file")
 
 
 def check_already(sess: Session, res: Result, src: Source) -> None:

@@ -228,12 +228,7 @@ class Session:
     def handshake(self) -> None:
         """Read the greeting (interactive) and send HELLO."""
         deadline = time.monotonic() + self.opts.connect_timeout
-        while self.proto.state is wire.ClientState.AWAIT_GREETING:
-            if time.monotonic() > deadline:
-                raise PeerTimeout("timed out waiting for the server's greeting")
-            self._pump(max(0.01, deadline - time.monotonic()))
-            if self.proto.state is wire.ClientState.CLOSED:  # type: ignore[comparison-overlap]
-                raise TransportError(self.closed_message())
+        resuming.wait_while(self, wire.ClientState.AWAIT_GREETING, deadline, "the server's greeting")
         self.write(self.proto.hello(secrets.token_bytes(32), int(time.time())))
 
     def send_all(self, sources: list[Source]) -> int:

@@ -24,6 +24,8 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from rstash.smallfile import sha256_prefix
+
 STATE_NAME = "tids.json"
 _READ = 1 << 20
 
@@ -91,15 +93,7 @@ def transfer_id(path: str, *, box: str, fingerprint: str, name: str,
 
 def hash_prefix(fd: int, n: int) -> Any:
     """SHA-256 state of the first ``n`` bytes of ``fd``, or None when it is shorter."""
-    h = hashlib.sha256()
-    pos = 0
-    while pos < n:
-        chunk = os.pread(fd, min(_READ, n - pos), pos)
-        if not chunk:
-            return None
-        h.update(chunk)
-        pos += len(chunk)
-    return h
+    return sha256_prefix(fd, n, _READ)
 
 
 def file_sha256(path: str) -> str | None:

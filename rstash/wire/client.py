@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from .. import auth
 from ..errors import LocalProtocolError, RemoteProtocolError, Reply
+from . import frames
 from .client_table import REPLY_TRANSITIONS, SEND_TRANSITIONS, ClientState, Pending, ReplyState, Step
 from .events import (
     AuthOk,
@@ -36,10 +37,6 @@ from .frames import (
     EXT_SERVER_ID,
     FLAG_DRY_RUN,
     MAX_DATA,
-    METHOD_HMAC_SHA256,
-    METHOD_SSH,
-    MODE_INTERACTIVE,
-    MODE_PIPE,
     NEED_DATA,
     NO_TID,
     FrameType,
@@ -148,10 +145,10 @@ class ClientConnection:
         self._step(Step.HELLO, ours=True)
         ext = {} if self.server_id is None else {EXT_SERVER_ID: self.server_id.encode("utf-8")}
         key = self.key
-        signed = hello_without_proof(mode=MODE_PIPE if self.pipe else MODE_INTERACTIVE,
+        signed = hello_without_proof(mode=frames.MODE_PIPE if self.pipe else frames.MODE_INTERACTIVE,
                                      box=self.box, key_id=bytes(auth.KEY_ID_LEN) if key is None else key.key_id,
                                      nonce=nonce, time=time, ext=ext,
-                                     method=METHOD_SSH if key is None else METHOD_HMAC_SHA256)
+                                     method=frames.METHOD_SSH if key is None else frames.METHOD_HMAC_SHA256)
         g = b"" if self.pipe else self.greeting.encode("ascii")
         self.keys = auth.ssh_session_keys(g, signed) if key is None else auth.session_keys(key, g, signed)
         return frame(FrameType.HELLO, signed + self.keys.proof)
